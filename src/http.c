@@ -1,0 +1,1 @@
+/* http.c - see http.h */
