@@ -72,7 +72,8 @@ void buf_printf(struct buf *b, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(buf_reserve(b, 128), b->cap - b->len, fmt, ap);
+    char *out = buf_reserve(b, 128);
+    int n = vsnprintf(out, b->cap - b->len, fmt, ap);
     va_end(ap);
     if (n < 0)
         return;
