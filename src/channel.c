@@ -1,1 +1,442 @@
-/* channel.c */
+/* channel.c - channel registry (a keyed hash table), subscriptions and batched fan-out. */
+#include "channel.h"
+
+#include "buf.h"
+#include "conn.h"
+#include "route.h"
+#include "stats.h"
+#include "ws.h"
+
+#include <openssl/rand.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct group;
+
+struct sub {
+    struct conn *conn;
+    struct group *group;
+    struct sub *conn_next; /* the connection's next subscription */
+    uint32_t idx;          /* position in group->subs */
+    uint32_t skip_msgs;    /* messages of the unsettled batch published before it subscribed */
+    size_t skip;           /* batch offset where its messages start */
+};
+
+/* The subscribers of one channel on one route: they all receive the same frames. */
+struct group {
+    struct chan *chan;
+    struct route *route;
+    struct group *next;       /* the channel's next group */
+    struct group *dirty_next; /* on the dirty list while it has unsettled messages */
+    struct sub **subs;
+    uint32_t nsubs, cap;
+    struct block *batch;      /* frames published this pass; NULL when none */
+    size_t settled;           /* batch offset up to which subscribers have their references */
+    uint32_t pending_msgs;    /* messages in batch past settled */
+    uint8_t dirty;
+};
+
+struct chan {
+    struct chan *hnext;
+    struct chan *idle_prev, *idle_next; /* on the idle list while it has no subscriber */
+    struct group *groups;
+    uint64_t hash;
+    uint64_t seq;
+    size_t nsubs;
+    ev_tstamp idle_since;
+    size_t name_len;
+    char name[];
+};
+
+static struct chan **table;
+static size_t table_size, chan_total;
+static uint64_t sub_total;
+static struct group *dirty_list;
+static struct chan *idle_head, *idle_tail;
+static double idle_ttl = 300;
+static uint8_t hash_key[16];
+
+/* SipHash-1-3 with a key drawn at start-up, so a client cannot pick channel names that all land
+ * in one bucket. */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                  \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                     \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                     \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                  \
+    } while (0)
+
+static uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v; /* little-endian hosts only; the hash need not be portable, only keyed */
+}
+
+static uint64_t siphash13(const uint8_t *in, size_t len)
+{
+    uint64_t k0 = load64(hash_key), k1 = load64(hash_key + 8);
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
+    uint64_t b = (uint64_t)len << 56;
+    const uint8_t *end = in + (len & ~(size_t)7);
+    for (; in != end; in += 8) {
+        uint64_t m = load64(in);
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
+    }
+    for (size_t i = 0; i < (len & 7); i++)
+        b |= (uint64_t)in[i] << (8 * i);
+    v3 ^= b;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+void chan_init(double ttl)
+{
+    idle_ttl = ttl;
+    if (!table) {
+        if (RAND_bytes(hash_key, sizeof(hash_key)) != 1)
+            memset(hash_key, 0x5a, sizeof(hash_key));
+        table_size = 1024;
+        table = xcalloc(table_size, sizeof(*table));
+    }
+}
+
+int chan_name_valid(const char *name, size_t len, const char **why)
+{
+    if (len == 0) {
+        *why = "channel name is empty";
+        return 0;
+    }
+    if (len > CHAN_NAME_MAX) {
+        *why = "channel name is longer than 200 bytes";
+        return 0;
+    }
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)name[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '_' || ch == '-' || ch == '.' || ch == ':' || ch == '/')) {
+            *why = "channel name may only hold A-Z a-z 0-9 _ - . : /";
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void idle_unlink(struct chan *ch)
+{
+    if (ch->idle_prev)
+        ch->idle_prev->idle_next = ch->idle_next;
+    else if (idle_head == ch)
+        idle_head = ch->idle_next;
+    else
+        return;
+    if (ch->idle_next)
+        ch->idle_next->idle_prev = ch->idle_prev;
+    else
+        idle_tail = ch->idle_prev;
+    ch->idle_prev = ch->idle_next = NULL;
+}
+
+static void idle_append(struct chan *ch, ev_tstamp now)
+{
+    ch->idle_since = now;
+    ch->idle_prev = idle_tail;
+    ch->idle_next = NULL;
+    if (idle_tail)
+        idle_tail->idle_next = ch;
+    else
+        idle_head = ch;
+    idle_tail = ch;
+}
+
+static void table_grow(void)
+{
+    size_t size = table_size * 2;
+    struct chan **t = xcalloc(size, sizeof(*t));
+    for (size_t i = 0; i < table_size; i++) {
+        struct chan *ch = table[i];
+        while (ch) {
+            struct chan *next = ch->hnext;
+            size_t b = ch->hash & (size - 1);
+            ch->hnext = t[b];
+            t[b] = ch;
+            ch = next;
+        }
+    }
+    free(table);
+    table = t;
+    table_size = size;
+}
+
+static struct chan *chan_lookup(const char *name, size_t len, int create)
+{
+    uint64_t h = siphash13((const uint8_t *)name, len);
+    for (struct chan *ch = table[h & (table_size - 1)]; ch; ch = ch->hnext)
+        if (ch->hash == h && ch->name_len == len && memcmp(ch->name, name, len) == 0)
+            return ch;
+    if (!create)
+        return NULL;
+    if (chan_total >= table_size)
+        table_grow();
+    struct chan *ch = xcalloc(1, sizeof(*ch) + len + 1);
+    memcpy(ch->name, name, len);
+    ch->name_len = len;
+    ch->hash = h;
+    size_t b = h & (table_size - 1);
+    ch->hnext = table[b];
+    table[b] = ch;
+    chan_total++;
+    idle_append(ch, ev_time());
+    return ch;
+}
+
+static void chan_free(struct chan *ch)
+{
+    struct chan **pp = &table[ch->hash & (table_size - 1)];
+    while (*pp != ch)
+        pp = &(*pp)->hnext;
+    *pp = ch->hnext;
+    idle_unlink(ch);
+    chan_total--;
+    free(ch);
+}
+
+/* Unlink and free a group with no subscribers; a dirty one waits for chan_settle. */
+static void group_release(struct group *g)
+{
+    if (g->nsubs || g->dirty)
+        return;
+    struct group **pp = &g->chan->groups;
+    while (*pp != g)
+        pp = &(*pp)->next;
+    *pp = g->next;
+    block_unref(g->batch);
+    route_unref(g->route);
+    free(g->subs);
+    free(g);
+}
+
+/* Make sure g has a batch that a frame of about need bytes can be appended to. A batch only this
+ * group holds may grow (and move); a shared one never moves, so when it is full what it holds is
+ * handed out first and a new one started. */
+static void group_make_room(struct group *g, size_t need)
+{
+    struct block *b = g->batch;
+    if (b && (b->refs == 1 || b->cap - b->len >= need))
+        return;
+    if (b)
+        chan_settle(); /* settling drops the shared block */
+    block_unref(g->batch);
+    g->batch = block_new(need > 4096 ? need : 4096);
+    g->settled = 0;
+}
+
+uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
+{
+    struct chan *ch = chan_lookup(m->channel, m->channel_len, 1);
+    m->seq = ++ch->seq;
+    stats.messages_in++;
+    if (!ch->nsubs) { /* a publish renews an idle channel */
+        idle_unlink(ch);
+        idle_append(ch, ev_time());
+    }
+    for (struct group *g = ch->groups; g; g = g->next) {
+        if (!g->nsubs)
+            continue;
+        const char *payload;
+        size_t len;
+        int opcode;
+        if (route_payload(g->route, m, &payload, &len, &opcode) < 0)
+            continue;
+        group_make_room(g, len + WS_MAX_HEADER);
+        uint8_t hdr[WS_MAX_HEADER];
+        size_t hlen = ws_frame_header(hdr, opcode, 1, len, NULL);
+        g->batch = block_append(g->batch, hdr, hlen);
+        g->batch = block_append(g->batch, payload, len);
+        g->pending_msgs++;
+        if (!g->dirty) {
+            g->dirty = 1;
+            g->dirty_next = dirty_list;
+            dirty_list = g;
+        }
+    }
+    free(m->decoded);
+    m->decoded = NULL;
+    if (subscribers)
+        *subscribers = ch->nsubs;
+    return m->seq;
+}
+
+/* Give each subscriber of g its reference to the batch published since the last settle. */
+static void group_settle(struct group *g)
+{
+    struct block *b = g->batch;
+    size_t end = b->len;
+    for (uint32_t i = 0; i < g->nsubs; i++) {
+        struct sub *s = g->subs[i];
+        size_t start = s->skip > g->settled ? s->skip : g->settled;
+        if (start < end) {
+            conn_queue_block(s->conn, b, start, end - start);
+            stats.messages_out += g->pending_msgs - s->skip_msgs;
+        }
+        s->skip = 0;
+        s->skip_msgs = 0;
+    }
+    g->settled = end;
+    g->pending_msgs = 0;
+    /* Keep the block for the next pass only while it has room and nobody else holds it, so an
+     * idle channel holds no buffer. */
+    if (b->refs > 1 || b->cap - b->len < 1024) {
+        block_unref(b);
+        g->batch = NULL;
+        g->settled = 0;
+    } else {
+        b->len = 0;
+        g->settled = 0;
+    }
+}
+
+void chan_settle(void)
+{
+    while (dirty_list) {
+        struct group *g = dirty_list;
+        dirty_list = g->dirty_next;
+        g->dirty = 0;
+        if (g->batch)
+            group_settle(g);
+        group_release(g);
+    }
+}
+
+void chan_settle_for(struct conn *c)
+{
+    if (c->nsubs && dirty_list)
+        chan_settle();
+}
+
+static struct sub *find_sub(struct conn *c, struct chan *ch)
+{
+    for (struct sub *s = c->subs; s; s = s->conn_next)
+        if (s->group->chan == ch)
+            return s;
+    return NULL;
+}
+
+int chan_subscribe(struct conn *c, const char *name, size_t len)
+{
+    struct chan *ch = chan_lookup(name, len, 1);
+    if (find_sub(c, ch))
+        return 0;
+    struct group *g = ch->groups;
+    while (g && g->route != c->route)
+        g = g->next;
+    if (!g) {
+        g = xcalloc(1, sizeof(*g));
+        g->chan = ch;
+        g->route = route_ref(c->route);
+        g->next = ch->groups;
+        ch->groups = g;
+    }
+    if (g->nsubs == g->cap) {
+        g->cap = g->cap ? g->cap * 2 : 4;
+        g->subs = xrealloc(g->subs, g->cap * sizeof(*g->subs));
+    }
+    struct sub *s = xmalloc(sizeof(*s));
+    s->conn = c;
+    s->group = g;
+    s->idx = g->nsubs;
+    /* Messages already batched this pass were published before this subscription. */
+    s->skip = g->dirty && g->batch ? g->batch->len : 0;
+    s->skip_msgs = g->dirty ? g->pending_msgs : 0;
+    g->subs[g->nsubs++] = s;
+    s->conn_next = c->subs;
+    c->subs = s;
+    c->nsubs++;
+    if (ch->nsubs++ == 0)
+        idle_unlink(ch);
+    sub_total++;
+    return 1;
+}
+
+static void sub_remove(struct sub *s)
+{
+    struct group *g = s->group;
+    struct chan *ch = g->chan;
+    if (g->dirty && g->batch) {
+        /* It was subscribed when these were published: it still gets them, before whatever is
+         * queued to it next. */
+        size_t start = s->skip > g->settled ? s->skip : g->settled;
+        if (start < g->batch->len) {
+            conn_queue_block(s->conn, g->batch, start, g->batch->len - start);
+            stats.messages_out += g->pending_msgs - s->skip_msgs;
+        }
+    }
+    g->subs[s->idx] = g->subs[--g->nsubs];
+    g->subs[s->idx]->idx = s->idx;
+    s->conn->nsubs--;
+    sub_total--;
+    if (--ch->nsubs == 0)
+        idle_append(ch, ev_time());
+    group_release(g);
+    free(s);
+}
+
+int chan_unsubscribe(struct conn *c, const char *name, size_t len)
+{
+    struct chan *ch = chan_lookup(name, len, 0);
+    if (!ch)
+        return 0;
+    struct sub **pp = &c->subs;
+    while (*pp && (*pp)->group->chan != ch)
+        pp = &(*pp)->conn_next;
+    if (!*pp)
+        return 0;
+    struct sub *s = *pp;
+    *pp = s->conn_next;
+    sub_remove(s);
+    return 1;
+}
+
+void chan_unsubscribe_all(struct conn *c)
+{
+    while (c->subs) {
+        struct sub *s = c->subs;
+        c->subs = s->conn_next;
+        if (c->state == CONN_DEAD) /* nothing can be queued to it any more */
+            s->skip = SIZE_MAX;
+        sub_remove(s);
+    }
+}
+
+void chan_sweep(ev_tstamp now)
+{
+    while (idle_head && idle_head->idle_since + idle_ttl <= now && !idle_head->groups)
+        chan_free(idle_head);
+}
+
+size_t chan_count(void) { return chan_total; }
+uint64_t chan_subscription_count(void) { return sub_total; }
+
+void chan_info(const char *name, size_t len, size_t *subscribers, uint64_t *last_seq)
+{
+    struct chan *ch = chan_lookup(name, len, 0);
+    *subscribers = ch ? ch->nsubs : 0;
+    *last_seq = ch ? ch->seq : 0;
+}
+
+const char *chan_first_name(const struct conn *c, size_t *len)
+{
+    if (!c->subs)
+        return NULL;
+    *len = c->subs->group->chan->name_len;
+    return c->subs->group->chan->name;
+}

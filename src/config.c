@@ -1,1 +1,599 @@
-/* config.c */
+/* config.c - loading and checking the Lua configuration file. */
+#include "config.h"
+
+#include "buf.h"
+#include "channel.h"
+#include "route.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* The loading state: errors unwind to config_load with longjmp, so each check is one line. */
+struct loader {
+    lua_State *L;
+    const char *file;
+    char *err;
+    size_t errlen;
+    jmp_buf fail;
+    int line;            /* line of the global being read, 0 when unknown */
+    char where[128];     /* dotted name of the value being read, e.g. "listen.port" */
+};
+
+static const char LINES_KEY[] = "herald.config.lines";
+
+static void fail(struct loader *ld, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+static void fail(struct loader *ld, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (ld->line)
+        snprintf(ld->err, ld->errlen, "%s:%d: %s: %s", ld->file, ld->line, ld->where, msg);
+    else
+        snprintf(ld->err, ld->errlen, "%s: %s: %s", ld->file, ld->where, msg);
+    longjmp(ld->fail, 1);
+}
+
+/* __newindex on the chunk's globals: remember the line each global was assigned on, so a bad
+ * value can be reported where it was written. */
+static int record_line(lua_State *L)
+{
+    lua_Debug ar;
+    if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar) && ar.currentline > 0) {
+        lua_getfield(L, LUA_REGISTRYINDEX, LINES_KEY);
+        lua_pushvalue(L, 2);
+        lua_pushinteger(L, ar.currentline);
+        lua_rawset(L, -3);
+        lua_pop(L, 1);
+    }
+    lua_rawset(L, 1);
+    return 0;
+}
+
+static const char *type_of(lua_State *L, int idx) { return luaL_typename(L, idx); }
+
+/* Push global name; set ld->where and ld->line for messages. Returns its Lua type. */
+static int get_global(struct loader *ld, const char *name)
+{
+    lua_State *L = ld->L;
+    snprintf(ld->where, sizeof(ld->where), "%s", name);
+    lua_getfield(L, LUA_REGISTRYINDEX, LINES_KEY);
+    lua_getfield(L, -1, name);
+    ld->line = (int)lua_tointeger(L, -1);
+    lua_pop(L, 2);
+    return lua_getglobal(L, name);
+}
+
+/* Push field key of the table at the top; ld->where becomes parent.key. */
+static int get_field(struct loader *ld, const char *parent, const char *key)
+{
+    snprintf(ld->where, sizeof(ld->where), "%s.%s", parent, key);
+    return lua_getfield(ld->L, -1, key);
+}
+
+/* Reject keys of the table at the top that are not in allowed (NULL-terminated). */
+static void check_keys(struct loader *ld, const char *name, const char *const *allowed)
+{
+    lua_State *L = ld->L;
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        lua_pop(L, 1);
+        snprintf(ld->where, sizeof(ld->where), "%s", name);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            if (lua_type(L, -1) == LUA_TNUMBER && !allowed)
+                continue;
+            fail(ld, "unexpected %s key", type_of(L, -1));
+        }
+        const char *key = lua_tostring(L, -1);
+        int ok = 0;
+        for (const char *const *a = allowed; a && *a; a++)
+            ok |= strcmp(*a, key) == 0;
+        if (!ok)
+            fail(ld, "unknown key \"%s\"", key);
+    }
+}
+
+/* The string at the top of the stack, popped. It stays valid while its table is on the stack,
+ * so nothing is allocated until a value is stored, and a failure leaks nothing. */
+static const char *pop_string(struct loader *ld, int required)
+{
+    lua_State *L = ld->L;
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        if (required)
+            fail(ld, "missing (a string is required)");
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING)
+        fail(ld, "expected a string, got %s", type_of(L, -1));
+    size_t len;
+    const char *s = lua_tolstring(L, -1, &len);
+    if (strlen(s) != len)
+        fail(ld, "must not contain NUL bytes");
+    lua_pop(L, 1);
+    return s;
+}
+
+static char *dup_or_null(const char *s) { return s ? xstrdup(s) : NULL; }
+
+static double pop_number(struct loader *ld, double dflt, double min, double max, int integer)
+{
+    lua_State *L = ld->L;
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return dflt;
+    }
+    if (lua_type(L, -1) != LUA_TNUMBER)
+        fail(ld, "expected a number, got %s", type_of(L, -1));
+    double v = lua_tonumber(L, -1);
+    if (integer && (!lua_isinteger(L, -1) && v != floor(v)))
+        fail(ld, "expected a whole number, got %g", v);
+    if (!(v >= min && v <= max))
+        fail(ld, "%g is out of range (%g to %g)", v, min, max);
+    lua_pop(L, 1);
+    return v;
+}
+
+static int pop_bool(struct loader *ld, int dflt)
+{
+    lua_State *L = ld->L;
+    int t = lua_type(L, -1);
+    int v = dflt;
+    if (t == LUA_TBOOLEAN)
+        v = lua_toboolean(L, -1);
+    else if (t != LUA_TNIL)
+        fail(ld, "expected true or false, got %s", type_of(L, -1));
+    lua_pop(L, 1);
+    return v;
+}
+
+/* A path from the file made relative to the file's directory, in new memory (NULL for NULL). */
+static char *resolve(const struct config *cfg, const char *p)
+{
+    if (!p || p[0] == '/' || !cfg->dir[0])
+        return dup_or_null(p);
+    size_t n = strlen(cfg->dir) + strlen(p) + 2;
+    char *out = xmalloc(n);
+    snprintf(out, n, "%s/%s", cfg->dir, p);
+    return out;
+}
+
+static void need_table(struct loader *ld)
+{
+    if (lua_type(ld->L, -1) != LUA_TTABLE)
+        fail(ld, "expected a table, got %s", type_of(ld->L, -1));
+}
+
+/* Read the array of strings at the top of the stack (popped) into *list and *n. */
+static void pop_string_list(struct loader *ld, char ***list, size_t *n, int channel_names)
+{
+    lua_State *L = ld->L;
+    *n = 0;
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    need_table(ld);
+    char where[96];
+    snprintf(where, sizeof(where), "%.95s", ld->where);
+    size_t count = lua_rawlen(L, -1);
+    *list = xcalloc(count + 1, sizeof(**list));
+    for (size_t i = 0; i < count; i++) {
+        lua_rawgeti(L, -1, (lua_Integer)i + 1);
+        snprintf(ld->where, sizeof(ld->where), "%s[%zu]", where, i + 1);
+        const char *item = pop_string(ld, 1);
+        const char *why;
+        if (channel_names && !chan_name_valid(item, strlen(item), &why))
+            fail(ld, "\"%s\": %s", item, why);
+        (*list)[(*n)++] = xstrdup(item);
+    }
+    lua_pop(L, 1);
+}
+
+static void load_listen(struct loader *ld, struct config *cfg)
+{
+    static const char *const keys[] = {"host", "port", NULL};
+    if (get_global(ld, "listen") == LUA_TNIL) {
+        lua_pop(ld->L, 1);
+        return;
+    }
+    need_table(ld);
+    check_keys(ld, "listen", keys);
+    get_field(ld, "listen", "host");
+    const char *host = pop_string(ld, 0);
+    if (host) {
+        free(cfg->host);
+        cfg->host = xstrdup(host);
+    }
+    get_field(ld, "listen", "port");
+    cfg->port = (int)pop_number(ld, cfg->port, 1, 65535, 1);
+    lua_pop(ld->L, 1);
+}
+
+static void load_limits(struct loader *ld, struct config *cfg)
+{
+    static const char *const keys[] = {"max_message", "send_queue", "max_connections", "max_head",
+                                       "max_headers", "ping_interval", "http_timeout", "close_timeout",
+                                       "channel_ttl", NULL};
+    if (get_global(ld, "limits") == LUA_TNIL) {
+        lua_pop(ld->L, 1);
+        return;
+    }
+    need_table(ld);
+    check_keys(ld, "limits", keys);
+    get_field(ld, "limits", "max_message");
+    cfg->max_message = (size_t)pop_number(ld, (double)cfg->max_message, 16, 1 << 30, 1);
+    get_field(ld, "limits", "send_queue");
+    cfg->send_queue = (size_t)pop_number(ld, (double)cfg->send_queue, 1024, 1u << 31, 1);
+    get_field(ld, "limits", "max_connections");
+    cfg->max_connections = (size_t)pop_number(ld, (double)cfg->max_connections, 1, 10000000, 1);
+    get_field(ld, "limits", "max_head");
+    cfg->max_head = (size_t)pop_number(ld, (double)cfg->max_head, 1024, 1 << 20, 1);
+    get_field(ld, "limits", "max_headers");
+    cfg->max_headers = (size_t)pop_number(ld, (double)cfg->max_headers, 1, 64, 1);
+    get_field(ld, "limits", "ping_interval");
+    cfg->ping_interval = pop_number(ld, cfg->ping_interval, 0.1, 86400, 0);
+    get_field(ld, "limits", "http_timeout");
+    cfg->http_timeout = pop_number(ld, cfg->http_timeout, 0.1, 86400, 0);
+    get_field(ld, "limits", "close_timeout");
+    cfg->close_timeout = pop_number(ld, cfg->close_timeout, 0.1, 3600, 0);
+    get_field(ld, "limits", "channel_ttl");
+    cfg->channel_ttl = pop_number(ld, cfg->channel_ttl, 0, 86400 * 365, 0);
+    lua_pop(ld->L, 1);
+}
+
+static void load_routes(struct loader *ld, struct config *cfg)
+{
+    static const char *const keys[] = {"path", "kind", "script", "publish", NULL};
+    lua_State *L = ld->L;
+    if (get_global(ld, "routes") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    need_table(ld);
+    check_keys(ld, "routes", NULL);
+    size_t n = lua_rawlen(L, -1);
+    cfg->routes = xcalloc(n + 1, sizeof(*cfg->routes));
+    for (size_t i = 0; i < n; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "routes[%zu]", i + 1);
+        lua_rawgeti(L, -1, (lua_Integer)i + 1);
+        snprintf(ld->where, sizeof(ld->where), "%s", name);
+        need_table(ld);
+        check_keys(ld, name, keys);
+        get_field(ld, name, "path");
+        const char *path = pop_string(ld, 1);
+        get_field(ld, name, "kind");
+        const char *kind = pop_string(ld, 0);
+        get_field(ld, name, "script");
+        const char *script = pop_string(ld, 0);
+        get_field(ld, name, "publish");
+        int publish = pop_bool(ld, 0);
+        snprintf(ld->where, sizeof(ld->where), "%s", name);
+        enum route_kind k;
+        if (script && kind && strcmp(kind, "script") != 0)
+            fail(ld, "give either kind or script, not both");
+        if (script)
+            k = ROUTE_SCRIPT;
+        else if (!kind)
+            fail(ld, "needs kind = \"pubsub\", \"raw\" or \"echo\", or script = \"file.lua\"");
+        else if (strcmp(kind, "pubsub") == 0)
+            k = ROUTE_PUBSUB;
+        else if (strcmp(kind, "raw") == 0)
+            k = ROUTE_RAW;
+        else if (strcmp(kind, "echo") == 0)
+            k = ROUTE_ECHO;
+        else
+            fail(ld, "unknown kind \"%s\" (expected pubsub, raw or echo)", kind);
+        if (path[0] != '/')
+            fail(ld, "path \"%s\" must start with /", path);
+        struct route *r = route_new(k, path);
+        cfg->routes[cfg->nroutes++] = r;
+        r->publish = publish;
+        if (k == ROUTE_RAW && !r->prefix)
+            fail(ld, "a raw route's path must end in / (the rest of the path names the channel)");
+        if (k == ROUTE_SCRIPT) {
+            r->script = resolve(cfg, script);
+            struct stat st;
+            if (stat(r->script, &st) < 0)
+                fail(ld, "script %s: %s", r->script, strerror(errno));
+        }
+        for (size_t j = 0; j + 1 < cfg->nroutes; j++)
+            if (strcmp(cfg->routes[j]->path, r->path) == 0)
+                fail(ld, "path %s is already used by routes[%zu]", r->path, j + 1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+static void load_redis(struct loader *ld, struct config *cfg)
+{
+    static const char *const keys[] = {"host", "port", "socket", "password", "db", "channels",
+                                       "patterns", "mirror", NULL};
+    if (get_global(ld, "redis") == LUA_TNIL) {
+        lua_pop(ld->L, 1);
+        return;
+    }
+    need_table(ld);
+    check_keys(ld, "redis", keys);
+    struct config_redis *r = cfg->redis = xcalloc(1, sizeof(*r));
+    get_field(ld, "redis", "host");
+    const char *host = pop_string(ld, 0);
+    r->host = xstrdup(host ? host : "127.0.0.1");
+    get_field(ld, "redis", "port");
+    r->port = (int)pop_number(ld, 6379, 1, 65535, 1);
+    get_field(ld, "redis", "socket");
+    r->socket = resolve(cfg, pop_string(ld, 0));
+    get_field(ld, "redis", "password");
+    r->password = dup_or_null(pop_string(ld, 0));
+    get_field(ld, "redis", "db");
+    r->db = (int)pop_number(ld, 0, 0, 1 << 20, 1);
+    get_field(ld, "redis", "channels");
+    pop_string_list(ld, &r->channels, &r->nchannels, 1);
+    get_field(ld, "redis", "patterns");
+    pop_string_list(ld, &r->patterns, &r->npatterns, 0);
+    get_field(ld, "redis", "mirror");
+    r->mirror = pop_bool(ld, 0);
+    lua_pop(ld->L, 1);
+}
+
+static void load_tail(struct loader *ld, struct config *cfg)
+{
+    static const char *const keys[] = {"path", "channel", "from_start", NULL};
+    lua_State *L = ld->L;
+    if (get_global(ld, "tail") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    need_table(ld);
+    check_keys(ld, "tail", NULL);
+    size_t n = lua_rawlen(L, -1);
+    cfg->tails = xcalloc(n + 1, sizeof(*cfg->tails));
+    for (size_t i = 0; i < n; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "tail[%zu]", i + 1);
+        lua_rawgeti(L, -1, (lua_Integer)i + 1);
+        snprintf(ld->where, sizeof(ld->where), "%s", name);
+        need_table(ld);
+        check_keys(ld, name, keys);
+        struct config_tail *t = &cfg->tails[cfg->ntails++];
+        get_field(ld, name, "path");
+        t->path = resolve(cfg, pop_string(ld, 1));
+        get_field(ld, name, "channel");
+        const char *channel = pop_string(ld, 1);
+        const char *why;
+        if (!chan_name_valid(channel, strlen(channel), &why))
+            fail(ld, "\"%s\": %s", channel, why);
+        t->channel = xstrdup(channel);
+        get_field(ld, name, "from_start");
+        t->from_start = pop_bool(ld, 0);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+static void load_tls(struct loader *ld, struct config *cfg)
+{
+    static const char *const keys[] = {"port", "cert", "key", NULL};
+    if (get_global(ld, "tls") == LUA_TNIL) {
+        lua_pop(ld->L, 1);
+        return;
+    }
+    need_table(ld);
+    check_keys(ld, "tls", keys);
+    struct config_tls *t = cfg->tls = xcalloc(1, sizeof(*t));
+    get_field(ld, "tls", "port");
+    t->port = (int)pop_number(ld, 8443, 1, 65535, 1);
+    get_field(ld, "tls", "cert");
+    t->cert = resolve(cfg, pop_string(ld, 1));
+    get_field(ld, "tls", "key");
+    t->key = resolve(cfg, pop_string(ld, 1));
+    lua_pop(ld->L, 1);
+}
+
+static void load_history(struct loader *ld, struct config *cfg)
+{
+    static const char *const keys[] = {"prefix", "length", "age", NULL};
+    lua_State *L = ld->L;
+    if (get_global(ld, "history") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    need_table(ld);
+    check_keys(ld, "history", NULL);
+    size_t n = lua_rawlen(L, -1);
+    cfg->history = xcalloc(n + 1, sizeof(*cfg->history));
+    for (size_t i = 0; i < n; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "history[%zu]", i + 1);
+        lua_rawgeti(L, -1, (lua_Integer)i + 1);
+        snprintf(ld->where, sizeof(ld->where), "%s", name);
+        need_table(ld);
+        check_keys(ld, name, keys);
+        struct config_history *h = &cfg->history[cfg->nhistory++];
+        get_field(ld, name, "prefix");
+        h->prefix = xstrdup(pop_string(ld, 1));
+        get_field(ld, name, "length");
+        h->length = (size_t)pop_number(ld, 100, 1, 1000000, 1);
+        get_field(ld, name, "age");
+        h->age = pop_number(ld, 3600, 0, 86400 * 365, 0);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* Globals a configuration may set; anything else is most likely a typo. */
+static const char *const known_globals[] = {
+    "listen", "web_root", "access_log", "publish_token", "limits", "routes", "redis", "tail", "tls",
+    "history", "log_level", NULL};
+
+static void check_globals(struct loader *ld)
+{
+    lua_State *L = ld->L;
+    lua_getfield(L, LUA_REGISTRYINDEX, LINES_KEY);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            continue;
+        const char *name = lua_tostring(L, -1);
+        int known = 0;
+        for (const char *const *k = known_globals; *k; k++)
+            known |= strcmp(*k, name) == 0;
+        lua_getglobal(L, name);
+        int is_function = lua_type(L, -1) == LUA_TFUNCTION;
+        lua_pop(L, 1);
+        if (!known && !is_function) { /* helper functions are fine */
+            get_global(ld, name);
+            fail(ld, "unknown setting (known: listen, web_root, access_log, publish_token, limits, "
+                     "routes, redis, tail, tls, history, log_level)");
+        }
+    }
+    lua_pop(L, 1);
+}
+
+static void load_all(struct loader *ld, struct config *cfg)
+{
+    lua_State *L = ld->L;
+    check_globals(ld);
+    load_listen(ld, cfg);
+    get_global(ld, "web_root");
+    cfg->web_root = resolve(cfg, pop_string(ld, 0));
+    if (cfg->web_root) {
+        struct stat st;
+        if (stat(cfg->web_root, &st) < 0 || !S_ISDIR(st.st_mode))
+            fail(ld, "%s is not a directory", cfg->web_root);
+    }
+    get_global(ld, "access_log");
+    cfg->access_log = resolve(cfg, pop_string(ld, 0));
+    get_global(ld, "publish_token");
+    cfg->publish_token = dup_or_null(pop_string(ld, 0));
+    if (cfg->publish_token && !cfg->publish_token[0])
+        fail(ld, "must not be empty (use nil for no token)");
+    get_global(ld, "log_level");
+    cfg->log_level = dup_or_null(pop_string(ld, 0));
+    if (cfg->log_level && strcmp(cfg->log_level, "debug") && strcmp(cfg->log_level, "info") &&
+        strcmp(cfg->log_level, "warn") && strcmp(cfg->log_level, "error"))
+        fail(ld, "expected \"debug\", \"info\", \"warn\" or \"error\"");
+    load_limits(ld, cfg);
+    load_routes(ld, cfg);
+    load_redis(ld, cfg);
+    load_tail(ld, cfg);
+    load_tls(ld, cfg);
+    load_history(ld, cfg);
+    (void)L;
+}
+
+static void set_defaults(struct config *cfg, const char *file)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->file = xstrdup(file);
+    const char *slash = strrchr(file, '/');
+    cfg->dir = slash ? xstrndup(file, (size_t)(slash - file) + (slash == file)) : xstrdup("");
+    cfg->host = xstrdup("127.0.0.1");
+    cfg->port = 8080;
+    cfg->max_message = 1048576;
+    cfg->send_queue = 4194304;
+    cfg->max_connections = 100000;
+    cfg->max_head = 16384;
+    cfg->max_headers = 64;
+    cfg->ping_interval = 30;
+    cfg->http_timeout = 15;
+    cfg->close_timeout = 5;
+    cfg->channel_ttl = 300;
+}
+
+int config_load(const char *file, struct config *cfg, char *err, size_t errlen)
+{
+    set_defaults(cfg, file);
+    struct loader ld = {.file = file, .err = err, .errlen = errlen};
+    lua_State *L = ld.L = luaL_newstate();
+    if (!L) {
+        snprintf(err, errlen, "%s: out of memory", file);
+        return -1;
+    }
+    luaL_openlibs(L);
+    lua_newtable(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, LINES_KEY);
+    if (luaL_loadfilex(L, file, "t") != LUA_OK) {
+        const char *msg = lua_tostring(L, -1);
+        /* Lua says "cannot open FILE" for a missing file and "FILE:LINE: ..." for syntax. */
+        snprintf(err, errlen, "%s", msg ? msg : "cannot load");
+        lua_close(L);
+        return -1;
+    }
+    lua_pushglobaltable(L);
+    lua_newtable(L);
+    lua_pushcfunction(L, record_line);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, -2);
+    lua_pop(L, 1);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+        snprintf(err, errlen, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "error");
+        lua_close(L);
+        return -1;
+    }
+    lua_pushglobaltable(L);
+    lua_pushnil(L);
+    lua_setmetatable(L, -2);
+    lua_pop(L, 1);
+    if (setjmp(ld.fail)) {
+        lua_close(L);
+        return -1;
+    }
+    load_all(&ld, cfg);
+    lua_close(L);
+    return 0;
+}
+
+void config_free(struct config *cfg)
+{
+    free(cfg->file);
+    free(cfg->dir);
+    free(cfg->host);
+    free(cfg->web_root);
+    free(cfg->access_log);
+    free(cfg->publish_token);
+    free(cfg->log_level);
+    for (size_t i = 0; i < cfg->nroutes; i++)
+        route_unref(cfg->routes[i]);
+    free(cfg->routes);
+    if (cfg->redis) {
+        struct config_redis *r = cfg->redis;
+        free(r->host);
+        free(r->socket);
+        free(r->password);
+        for (size_t i = 0; i < r->nchannels; i++)
+            free(r->channels[i]);
+        free(r->channels);
+        for (size_t i = 0; i < r->npatterns; i++)
+            free(r->patterns[i]);
+        free(r->patterns);
+        free(r);
+    }
+    for (size_t i = 0; i < cfg->ntails; i++) {
+        free(cfg->tails[i].path);
+        free(cfg->tails[i].channel);
+    }
+    free(cfg->tails);
+    if (cfg->tls) {
+        free(cfg->tls->cert);
+        free(cfg->tls->key);
+        free(cfg->tls);
+    }
+    for (size_t i = 0; i < cfg->nhistory; i++)
+        free(cfg->history[i].prefix);
+    free(cfg->history);
+    memset(cfg, 0, sizeof(*cfg));
+}

@@ -1,1 +1,335 @@
-/* route.c */
+/* route.c - the built-in route kinds: the generic JSON pub/sub protocol, raw subscribe, echo. */
+#include "route.h"
+
+#include "channel.h"
+#include "conn.h"
+#include "http.h"
+#include "json.h"
+#include "stats.h"
+#include "ws.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Scratch space for building frames and replies; the loop is single-threaded. */
+static struct buf scratch;
+
+struct route *route_new(enum route_kind kind, const char *path)
+{
+    struct route *r = xcalloc(1, sizeof(*r));
+    r->refs = 1;
+    r->kind = kind;
+    r->path = xstrdup(path);
+    r->path_len = strlen(path);
+    r->prefix = r->path_len > 0 && path[r->path_len - 1] == '/';
+    return r;
+}
+
+struct route *route_ref(struct route *r)
+{
+    r->refs++;
+    return r;
+}
+
+void route_unref(struct route *r)
+{
+    if (!r || --r->refs)
+        return;
+    free(r->path);
+    free(r->script);
+    free(r);
+}
+
+const char *route_kind_name(enum route_kind kind)
+{
+    static const char *const names[] = {"pubsub", "raw", "echo", "script"};
+    return names[kind];
+}
+
+struct route *route_match(struct route *const *routes, size_t n, const char *path, size_t len)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct route *r = routes[i];
+        if (r->prefix ? (len > r->path_len && memcmp(path, r->path, r->path_len) == 0)
+                      : (len == r->path_len && memcmp(path, r->path, len) == 0))
+            return r;
+    }
+    return NULL;
+}
+
+void route_send_text(struct conn *c, const char *text, size_t len)
+{
+    chan_settle_for(c);
+    conn_send_frame(c, WS_OP_TEXT, text, len);
+}
+
+/* Split a comma-separated channel list and call fn on each name; stops at the first non-zero. */
+static int each_channel(const char *list, size_t len, int (*fn)(const char *, size_t, void *), void *arg)
+{
+    size_t start = 0;
+    for (size_t i = 0; i <= len; i++) {
+        if (i == len || list[i] == ',') {
+            int rc = fn(list + start, i - start, arg);
+            if (rc)
+                return rc;
+            start = i + 1;
+        }
+    }
+    return 0;
+}
+
+static int check_name(const char *name, size_t len, void *arg)
+{
+    return chan_name_valid(name, len, (const char **)arg) ? 0 : 1;
+}
+
+static int subscribe_name(const char *name, size_t len, void *arg)
+{
+    chan_subscribe(arg, name, len);
+    return 0;
+}
+
+/* The ?subscribe= list of a /ws handshake, decoded into scratch; -1 if absent, -2 if malformed. */
+static ssize_t query_channels(const char *query, size_t query_len)
+{
+    if (!query)
+        return -1;
+    scratch.len = 0;
+    buf_reserve(&scratch, query_len + 1);
+    return http_query_get(query, query_len, "subscribe", scratch.data, scratch.cap);
+}
+
+int route_check_handshake(struct route *r, const char *path, size_t path_len, const char *query,
+                          size_t query_len, const char **why)
+{
+    if (r->kind == ROUTE_RAW)
+        return chan_name_valid(path + r->path_len, path_len - r->path_len, why) ? 0 : 400;
+    if (r->kind == ROUTE_PUBSUB) {
+        ssize_t n = query_channels(query, query_len);
+        if (n == -2) {
+            *why = "malformed subscribe parameter";
+            return 400;
+        }
+        if (n >= 0 && each_channel(scratch.data, (size_t)n, check_name, (void *)why))
+            return 400;
+    }
+    return 0;
+}
+
+int route_open(struct route *r, struct conn *c, const char *path, size_t path_len, const char *query,
+               size_t query_len)
+{
+    if (r->kind == ROUTE_RAW) {
+        chan_subscribe(c, path + r->path_len, path_len - r->path_len);
+    } else if (r->kind == ROUTE_PUBSUB) {
+        ssize_t n = query_channels(query, query_len);
+        if (n >= 0)
+            each_channel(scratch.data, (size_t)n, subscribe_name, c);
+    }
+    return 0;
+}
+
+/* --- the generic protocol ------------------------------------------------------------------ */
+
+/* Start a reply {"op":"<op>" in scratch. */
+static void reply_begin(const char *op)
+{
+    scratch.len = 0;
+    buf_printf(&scratch, "{\"op\":\"%s\"", op);
+}
+
+/* Finish the reply with the request's id, if it had one, and send it. */
+static void reply_end(struct conn *c, const struct json_span *id)
+{
+    if (id && id->type != JSON_NONE) {
+        buf_append_str(&scratch, ",\"id\":");
+        buf_append(&scratch, id->p, id->len);
+    }
+    buf_append(&scratch, "}", 1);
+    route_send_text(c, scratch.data, scratch.len);
+}
+
+static void reply_error(struct conn *c, const char *error, const struct json_span *id)
+{
+    stats.request_errors++;
+    size_t n = strlen(error);
+    char *quoted = xmalloc(JSON_STRING_ENCODED_MAX(n));
+    size_t qlen = json_string_encode(error, n, quoted);
+    reply_begin("error");
+    buf_append_str(&scratch, ",\"error\":");
+    buf_append(&scratch, quoted, qlen);
+    free(quoted);
+    reply_end(c, id);
+}
+
+enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_COUNT };
+static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id"};
+
+/* Decode a short JSON string member into out (NUL-terminated). -1 if it is not a string or too long. */
+static int short_string(const struct json_span *s, char *out, size_t cap)
+{
+    if (s->type != JSON_STRING || s->len > cap)
+        return -1;
+    ssize_t n = json_string_decode(s->p, s->len, out);
+    if (n < 0 || (size_t)n >= cap)
+        return -1;
+    out[n] = 0;
+    return (int)n;
+}
+
+static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int binary)
+{
+    struct json_span v[KEY_COUNT];
+    const char *error;
+    char error_buf[64];
+    if (binary) {
+        reply_error(c, "binary messages are not accepted here: send JSON text", NULL);
+        return;
+    }
+    if (json_object_scan((const char *)data, len, request_keys, v, KEY_COUNT, &error, error_buf) < 0) {
+        reply_error(c, error, NULL);
+        return;
+    }
+    const struct json_span *id = &v[KEY_ID];
+    char op[32];
+    if (v[KEY_OP].type == JSON_NONE) {
+        reply_error(c, "missing \"op\"", id);
+        return;
+    }
+    if (short_string(&v[KEY_OP], op, sizeof(op)) < 0) {
+        reply_error(c, "\"op\" must be one of subscribe, unsubscribe, publish", id);
+        return;
+    }
+    int is_sub = strcmp(op, "subscribe") == 0, is_unsub = strcmp(op, "unsubscribe") == 0;
+    int is_pub = strcmp(op, "publish") == 0;
+    if (!is_sub && !is_unsub && !is_pub) {
+        reply_error(c, "unknown \"op\": expected subscribe, unsubscribe or publish", id);
+        return;
+    }
+    char channel[CHAN_NAME_MAX + 1];
+    if (v[KEY_CHANNEL].type == JSON_NONE) {
+        reply_error(c, "missing \"channel\"", id);
+        return;
+    }
+    int clen = short_string(&v[KEY_CHANNEL], channel, sizeof(channel));
+    if (v[KEY_CHANNEL].type != JSON_STRING) {
+        reply_error(c, "\"channel\" must be a string", id);
+        return;
+    }
+    if (clen < 0) {
+        reply_error(c, "channel name is longer than 200 bytes", id);
+        return;
+    }
+    if (!chan_name_valid(channel, (size_t)clen, &error)) {
+        reply_error(c, error, id);
+        return;
+    }
+    if (is_sub) {
+        chan_subscribe(c, channel, (size_t)clen);
+        reply_begin("subscribed");
+    } else if (is_unsub) {
+        chan_unsubscribe(c, channel, (size_t)clen);
+        reply_begin("unsubscribed");
+    } else {
+        if (v[KEY_DATA].type == JSON_NONE) {
+            reply_error(c, "missing \"data\"", id);
+            return;
+        }
+        struct chan_msg m = {.channel = channel, .channel_len = (size_t)clen, .data = v[KEY_DATA].p,
+                             .len = v[KEY_DATA].len, .is_json = 1, .utf8 = 1, .json = 1};
+        uint64_t seq = chan_publish(&m, NULL);
+        reply_begin("published");
+        buf_printf(&scratch, ",\"channel\":\"%s\",\"seq\":%llu", channel, (unsigned long long)seq);
+        reply_end(c, id);
+        return;
+    }
+    buf_printf(&scratch, ",\"channel\":\"%s\"", channel);
+    reply_end(c, id);
+}
+
+void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
+{
+    struct route *r = c->route;
+    r->messages++;
+    stats.ws_messages_received++;
+    switch (r->kind) {
+    case ROUTE_ECHO:
+        conn_send_frame(c, binary ? WS_OP_BINARY : WS_OP_TEXT, data, len);
+        break;
+    case ROUTE_PUBSUB:
+        pubsub_message(c, data, len, binary);
+        break;
+    case ROUTE_RAW:
+        if (!r->publish) {
+            conn_ws_close(c, WS_CLOSE_POLICY, "this route does not accept messages");
+            break;
+        }
+        {
+            /* A raw connection's one subscription is the channel its path named. */
+            size_t name_len;
+            const char *name = chan_first_name(c, &name_len);
+            struct chan_msg m = {.channel = name, .channel_len = name_len, .data = (const char *)data,
+                                 .len = len, .utf8 = (int8_t)!binary, .json = -1};
+            if (name)
+                chan_publish(&m, NULL);
+        }
+        break;
+    case ROUTE_SCRIPT:
+        break;
+    }
+}
+
+/* --- encoding for subscribers --------------------------------------------------------------- */
+
+static int msg_utf8(struct chan_msg *m)
+{
+    if (m->utf8 < 0)
+        m->utf8 = (int8_t)ws_utf8_valid((const uint8_t *)m->data, m->len);
+    return m->utf8;
+}
+
+static int msg_json(struct chan_msg *m)
+{
+    if (m->json < 0)
+        m->json = (int8_t)json_valid(m->data, m->len);
+    return m->json;
+}
+
+int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *len, int *opcode)
+{
+    r->deliver_calls++;
+    if (r->kind == ROUTE_PUBSUB) {
+        scratch.len = 0;
+        buf_printf(&scratch, "{\"op\":\"message\",\"channel\":\"%.*s\",\"seq\":%llu,\"data\":",
+                   (int)m->channel_len, m->channel, (unsigned long long)m->seq);
+        if (m->is_json || msg_json(m)) {
+            buf_append(&scratch, m->data, m->len);
+        } else {
+            char *out = buf_reserve(&scratch, JSON_STRING_ENCODED_MAX(m->len) + 1);
+            scratch.len += json_string_encode(m->data, m->len, out);
+        }
+        buf_append(&scratch, "}", 1);
+        *p = scratch.data;
+        *len = scratch.len;
+        *opcode = WS_OP_TEXT;
+        return 0;
+    }
+    /* Raw (and, until a script shapes it, script) routes get the bytes as published; a JSON
+     * string published on the generic route arrives as the string's contents. */
+    if (m->is_json && m->len && m->data[0] == '"') {
+        if (!m->decoded) {
+            m->decoded = xmalloc(m->len);
+            ssize_t n = json_string_decode(m->data, m->len, m->decoded);
+            m->decoded_len = n < 0 ? 0 : (size_t)n;
+        }
+        *p = m->decoded;
+        *len = m->decoded_len;
+        *opcode = ws_utf8_valid((const uint8_t *)m->decoded, m->decoded_len) ? WS_OP_TEXT : WS_OP_BINARY;
+        return 0;
+    }
+    *p = m->data;
+    *len = m->len;
+    *opcode = msg_utf8(m) ? WS_OP_TEXT : WS_OP_BINARY;
+    return 0;
+}

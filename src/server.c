@@ -1,1 +1,882 @@
-/* server.c */
+/* server.c - accepting connections, serving HTTP requests, upgrading to WebSocket, reading frames. */
+#include "server.h"
+
+#include "buf.h"
+#include "channel.h"
+#include "config.h"
+#include "conn.h"
+#include "http.h"
+#include "json.h"
+#include "log.h"
+#include "route.h"
+#include "static.h"
+#include "stats.h"
+#include "ws.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* A request whose body is still arriving: what is needed to answer it once it is complete. */
+struct http_req_state {
+    struct buf body;
+    struct http_chunked chunked;
+    int is_chunked;
+    uint64_t body_left;      /* Content-Length bytes still to come */
+    int keep_alive;
+    int minor_version;
+    size_t channel_len;
+    char channel[CHAN_NAME_MAX + 1];
+    char *log_target, *log_referer, *log_agent; /* copies for the access log */
+};
+
+static struct ev_loop *loop;
+static struct config *cfg;
+static ev_io listen_io;
+static ev_prepare flush_prepare;
+static ev_timer housekeeping;
+static ev_timer shutdown_timer;
+static int spare_fd = -1;
+static int shutting_down;
+static void (*shutdown_done)(void);
+static struct buf out; /* response scratch */
+
+static void on_readable(struct conn *c);
+
+/* --- responses --------------------------------------------------------------------------------- */
+
+static const char *status_text(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 301: return "Moved Permanently";
+    case 304: return "Not Modified";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 426: return "Upgrade Required";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 503: return "Service Unavailable";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Unknown";
+    }
+}
+
+/* What a response needs to know of its request; a NULL request (unparseable) closes. */
+struct reply_ctx {
+    const struct http_request *req;
+    int keep_alive;
+    int head_only;
+};
+
+static void access_log(struct conn *c, const struct http_request *req, int status, long long bytes)
+{
+    size_t rlen = 0, alen = 0;
+    const char *ref = req ? http_header_get(req, "referer", &rlen) : NULL;
+    const char *agent = req ? http_header_get(req, "user-agent", &alen) : NULL;
+    log_access(conn_addr_str(c), req ? req->method : NULL, req ? req->method_len : 0,
+               req ? req->target : NULL, req ? req->target_len : 0, req ? req->minor_version : 1,
+               status, bytes, ref, rlen, agent, alen);
+}
+
+/* Queue a response head. extra holds whole header lines ("Name: value\r\n") or is NULL. Returns
+ * whether the connection stays open after this response. */
+static int respond_head(struct conn *c, const struct reply_ctx *rc, int status, const char *type,
+                        size_t len, const char *extra)
+{
+    int keep = rc->req && rc->keep_alive && !shutting_down;
+    if (status >= 400)
+        stats.http_errors++;
+    out.len = 0;
+    buf_printf(&out, "HTTP/1.1 %d %s\r\nServer: herald\r\nContent-Length: %zu\r\n", status,
+               status_text(status), len);
+    if (type)
+        buf_printf(&out, "Content-Type: %s\r\n", type);
+    if (extra)
+        buf_append_str(&out, extra);
+    buf_append_str(&out, keep ? "\r\n" : "Connection: close\r\n\r\n");
+    conn_queue_copy(c, out.data, out.len);
+    return keep;
+}
+
+/* Log the response and, unless the connection is kept, close it once everything is written. */
+static void respond_end(struct conn *c, const struct reply_ctx *rc, int status, size_t len, int keep)
+{
+    access_log(c, rc->req, status, rc->head_only ? 0 : (long long)len);
+    if (!keep)
+        conn_close_after_write(c);
+}
+
+static void respond(struct conn *c, const struct reply_ctx *rc, int status, const char *type,
+                    const void *body, size_t len, const char *extra)
+{
+    int keep = respond_head(c, rc, status, type, len, extra);
+    if (!rc->head_only)
+        conn_queue_copy(c, body, len);
+    respond_end(c, rc, status, len, keep);
+}
+
+static void respond_text(struct conn *c, const struct reply_ctx *rc, int status, const char *text,
+                         const char *extra)
+{
+    char body[512];
+    int n = snprintf(body, sizeof(body), "%d %s: %s\n", status, status_text(status), text);
+    respond(c, rc, status, "text/plain; charset=utf-8", body, (size_t)n, extra);
+}
+
+static void respond_json_error(struct conn *c, const struct reply_ctx *rc, int status, const char *error)
+{
+    char quoted[JSON_STRING_ENCODED_MAX(256)];
+    size_t n = strlen(error);
+    if (n > 256)
+        n = 256;
+    size_t qlen = json_string_encode(error, n, quoted);
+    char body[sizeof(quoted) + 32];
+    int blen = snprintf(body, sizeof(body), "{\"error\":%.*s}\n", (int)qlen, quoted);
+    respond(c, rc, status, "application/json", body, (size_t)blen, NULL);
+}
+
+/* --- endpoints ---------------------------------------------------------------------------------- */
+
+static void serve_stats(struct conn *c, const struct reply_ctx *rc, int prometheus)
+{
+    struct buf body = {0};
+    if (prometheus)
+        stats_render_prometheus(&body);
+    else
+        stats_render_json(&body);
+    respond(c, rc, 200, prometheus ? "text/plain; version=0.0.4; charset=utf-8" : "application/json",
+            body.data, body.len, "Cache-Control: no-store\r\n");
+    buf_free(&body);
+}
+
+static void serve_static(struct conn *c, const struct reply_ctx *rc, const char *path, size_t len)
+{
+    struct static_file f;
+    int rcode = static_open(path, len, &f);
+    if (rcode == 301) {
+        struct buf loc = {0};
+        buf_printf(&loc, "Location: %.*s/\r\n", (int)len, path);
+        respond_text(c, rc, 301, "see the directory's index", loc.data);
+        buf_free(&loc);
+        return;
+    }
+    if (rcode) {
+        respond_text(c, rc, rcode, rcode == 404 ? "no such file" : "not readable", NULL);
+        return;
+    }
+    char date[64], extra[160];
+    struct tm tm;
+    gmtime_r(&f.mtime, &tm);
+    strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S GMT", &tm);
+    size_t ims_len;
+    const char *ims = http_header_get(rc->req, "if-modified-since", &ims_len);
+    if (ims && ims_len == strlen(date) && memcmp(ims, date, ims_len) == 0) {
+        close(f.fd);
+        snprintf(extra, sizeof(extra), "Last-Modified: %s\r\n", date);
+        int keep = respond_head(c, rc, 304, NULL, 0, extra);
+        respond_end(c, rc, 304, 0, keep);
+        return;
+    }
+    size_t size = (size_t)f.size;
+    struct block *b = NULL;
+    if (!rc->head_only) {
+        b = block_new(size);
+        while (b->len < size) {
+            ssize_t n = read(f.fd, b->data + b->len, size - b->len);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                break;
+            b->len += (size_t)n;
+        }
+    }
+    close(f.fd);
+    if (b && b->len != size) {
+        block_unref(b);
+        respond_text(c, rc, 500, "the file could not be read", NULL);
+        return;
+    }
+    snprintf(extra, sizeof(extra), "Last-Modified: %s\r\nCache-Control: no-cache\r\n", date);
+    int keep = respond_head(c, rc, 200, f.content_type, size, extra);
+    if (b) {
+        conn_queue_block(c, b, 0, size);
+        block_unref(b);
+    }
+    respond_end(c, rc, 200, size, keep);
+}
+
+/* Publish a complete POST /pub body and answer. */
+static void finish_publish(struct conn *c, const struct reply_ctx *rc, const char *channel,
+                           size_t channel_len, const char *body, size_t len)
+{
+    struct chan_msg m = {.channel = channel, .channel_len = channel_len, .data = body, .len = len,
+                         .utf8 = -1, .json = -1};
+    size_t subscribers;
+    uint64_t seq = chan_publish(&m, &subscribers);
+    char reply[CHAN_NAME_MAX + 96];
+    int n = snprintf(reply, sizeof(reply), "{\"channel\":\"%.*s\",\"seq\":%llu,\"subscribers\":%zu}\n",
+                     (int)channel_len, channel, (unsigned long long)seq, subscribers);
+    respond(c, rc, 200, "application/json", reply, (size_t)n, NULL);
+}
+
+static void req_state_free(struct conn *c)
+{
+    struct http_req_state *rs = c->req;
+    if (!rs)
+        return;
+    buf_free(&rs->body);
+    free(rs->log_target);
+    free(rs->log_referer);
+    free(rs->log_agent);
+    free(rs);
+    c->req = NULL;
+}
+
+/* The body of the request in c->req is complete: publish it. The access log gets the copies made
+ * when the head was parsed. */
+static void body_complete(struct conn *c)
+{
+    struct http_req_state *rs = c->req;
+    struct http_request req = {0};
+    req.method = "POST";
+    req.method_len = 4;
+    req.target = rs->log_target;
+    req.target_len = strlen(rs->log_target);
+    req.minor_version = rs->minor_version;
+    if (rs->log_referer) {
+        req.headers[req.num_headers++] = (struct http_header){"referer", 7, rs->log_referer,
+                                                              strlen(rs->log_referer)};
+    }
+    if (rs->log_agent) {
+        req.headers[req.num_headers++] = (struct http_header){"user-agent", 10, rs->log_agent,
+                                                              strlen(rs->log_agent)};
+    }
+    struct reply_ctx rc = {.req = &req, .keep_alive = rs->keep_alive};
+    c->req = NULL; /* responding may close; the state is freed here either way */
+    finish_publish(c, &rc, rs->channel, rs->channel_len, rs->body.data ? rs->body.data : "",
+                   rs->body.len);
+    c->req = rs;
+    req_state_free(c);
+    conn_set_timeout_class(c, CONN_TO_HTTP);
+}
+
+/* Feed body bytes of the request in progress. Returns the bytes used from data, or -1 when the
+ * connection was answered with an error and is closing. */
+static ssize_t feed_body(struct conn *c, char *data, size_t len)
+{
+    struct http_req_state *rs = c->req;
+    conn_touch(c); /* a body in progress is activity; the whole body is bounded by max_message */
+    if (!rs->is_chunked) {
+        size_t take = len < rs->body_left ? len : (size_t)rs->body_left;
+        buf_append(&rs->body, data, take);
+        rs->body_left -= take;
+        if (!rs->body_left)
+            body_complete(c);
+        return (ssize_t)take;
+    }
+    size_t dlen = len, rest = 0;
+    int rcode = http_chunked_decode(&rs->chunked, data, &dlen, &rest);
+    struct reply_ctx rc = {.req = NULL};
+    if (rcode < 0) {
+        req_state_free(c);
+        respond_json_error(c, &rc, 400, "malformed chunked body");
+        return -1;
+    }
+    if (rs->body.len + dlen > cfg->max_message) {
+        req_state_free(c);
+        stats.messages_too_big++;
+        respond_json_error(c, &rc, 413, "message is larger than max_message");
+        return -1;
+    }
+    buf_append(&rs->body, data, dlen);
+    if (rcode == 1) {
+        body_complete(c);
+        /* The decoder moved the bytes after the body to follow the decoded data. */
+        memmove(data, data + dlen, rest);
+        return (ssize_t)(len - rest);
+    }
+    return (ssize_t)len;
+}
+
+static int token_ok(const struct http_request *req)
+{
+    if (!cfg->publish_token)
+        return 1;
+    size_t len;
+    const char *auth = http_header_get(req, "authorization", &len);
+    size_t tlen = strlen(cfg->publish_token);
+    return auth && len == tlen + 7 && strncasecmp(auth, "Bearer ", 7) == 0 &&
+           CRYPTO_memcmp(auth + 7, cfg->publish_token, tlen) == 0;
+}
+
+static void handle_publish(struct conn *c, const struct reply_ctx *rc, const struct http_request *req,
+                           const char *channel, size_t channel_len)
+{
+    const char *why;
+    if (req->method_len != 4 || memcmp(req->method, "POST", 4) != 0) {
+        respond_text(c, rc, 405, "publish with POST", "Allow: POST\r\n");
+        return;
+    }
+    if (!token_ok(req)) {
+        respond_json_error(c, rc, 401, "a valid \"Authorization: Bearer <token>\" header is required");
+        return;
+    }
+    if (!chan_name_valid(channel, channel_len, &why)) {
+        respond_json_error(c, rc, 400, why);
+        return;
+    }
+    if (!req->chunked && req->content_length < 0) {
+        respond_json_error(c, rc, 411, "a Content-Length or chunked body is required");
+        return;
+    }
+    if (req->content_length > (int64_t)cfg->max_message) {
+        stats.messages_too_big++;
+        struct reply_ctx closing = *rc;
+        closing.keep_alive = 0; /* the body will not be read */
+        respond_json_error(c, &closing, 413, "message is larger than max_message");
+        return;
+    }
+    size_t expect_len;
+    const char *expect = http_header_get(req, "expect", &expect_len);
+    if (expect && expect_len == 12 && strncasecmp(expect, "100-continue", 12) == 0)
+        conn_queue_copy(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    struct http_req_state *rs = xcalloc(1, sizeof(*rs));
+    rs->is_chunked = req->chunked;
+    rs->body_left = req->chunked ? 0 : (uint64_t)req->content_length;
+    rs->keep_alive = rc->keep_alive;
+    rs->minor_version = req->minor_version;
+    memcpy(rs->channel, channel, channel_len);
+    rs->channel_len = channel_len;
+    rs->log_target = xstrndup(req->target, req->target_len);
+    size_t n;
+    const char *h = http_header_get(req, "referer", &n);
+    rs->log_referer = h ? xstrndup(h, n) : NULL;
+    h = http_header_get(req, "user-agent", &n);
+    rs->log_agent = h ? xstrndup(h, n) : NULL;
+    if (!req->chunked)
+        buf_reserve(&rs->body, rs->body_left ? (size_t)rs->body_left : 1);
+    else
+        http_chunked_init(&rs->chunked);
+    c->req = rs;
+    if (!req->chunked && !rs->body_left)
+        body_complete(c);
+}
+
+/* --- the WebSocket handshake -------------------------------------------------------------------- */
+
+static void handshake(struct conn *c, const struct reply_ctx *rc, const struct http_request *req,
+                      struct route *r, const char *path, size_t path_len)
+{
+    size_t len;
+    const char *v;
+    if (req->method_len != 3 || memcmp(req->method, "GET", 3) != 0) {
+        respond_text(c, rc, 400, "a WebSocket handshake must be a GET", NULL);
+        return;
+    }
+    if (req->minor_version < 1) {
+        respond_text(c, rc, 400, "a WebSocket handshake needs HTTP/1.1", NULL);
+        return;
+    }
+    if (!http_header_get(req, "host", &len)) {
+        respond_text(c, rc, 400, "missing Host header", NULL);
+        return;
+    }
+    v = http_header_get(req, "connection", &len);
+    if (!v || !http_has_token(v, len, "upgrade")) {
+        respond_text(c, rc, 400, "Connection header must include Upgrade", NULL);
+        return;
+    }
+    v = http_header_get(req, "sec-websocket-version", &len);
+    if (!v || len != 2 || memcmp(v, "13", 2) != 0) {
+        respond_text(c, rc, 426, "only WebSocket version 13 is supported",
+                     "Sec-WebSocket-Version: 13\r\n");
+        return;
+    }
+    const char *key = http_header_get(req, "sec-websocket-key", &len);
+    if (!key || !ws_key_valid(key, len)) {
+        respond_text(c, rc, 400, "missing or invalid Sec-WebSocket-Key", NULL);
+        return;
+    }
+    if (req->content_length > 0 || req->chunked) {
+        respond_text(c, rc, 400, "a WebSocket handshake has no body", NULL);
+        return;
+    }
+    const char *why = NULL;
+    int status = route_check_handshake(r, path, path_len, req->query, req->query_len, &why);
+    if (status) {
+        respond_text(c, rc, status, why ? why : "refused", NULL);
+        return;
+    }
+    char accept[29];
+    ws_accept_key(key, len, accept);
+    out.len = 0;
+    buf_printf(&out,
+               "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Accept: %s\r\n\r\n",
+               accept);
+    conn_queue_copy(c, out.data, out.len);
+    access_log(c, req, 101, 0);
+    c->state = CONN_WS;
+    c->route = route_ref(r);
+    ws_parser_init(&c->wp, WS_ROLE_SERVER, cfg->max_message);
+    conn_set_timeout_class(c, CONN_TO_WS);
+    stats.websockets++;
+    c->is_ws = 1;
+    route_open(r, c, path, path_len, req->query, req->query_len);
+}
+
+/* --- HTTP requests ------------------------------------------------------------------------------ */
+
+static void handle_request(struct conn *c, const struct http_request *req)
+{
+    struct reply_ctx rc = {.req = req, .keep_alive = req->keep_alive};
+    stats.http_requests++;
+    rc.head_only = req->method_len == 4 && memcmp(req->method, "HEAD", 4) == 0;
+    char *path = xmalloc(req->path_len + 1);
+    ssize_t plen = http_path_decode(req->path, req->path_len, path);
+    if (plen < 0) {
+        respond_text(c, &rc, 400, "malformed path", NULL);
+        goto done;
+    }
+    path[plen] = 0;
+    size_t len;
+    const char *upgrade = http_header_get(req, "upgrade", &len);
+    int wants_ws = upgrade && http_has_token(upgrade, len, "websocket");
+    struct route *r = route_match(cfg->routes, cfg->nroutes, path, (size_t)plen);
+    if (r) {
+        if (wants_ws)
+            handshake(c, &rc, req, r, path, (size_t)plen);
+        else
+            respond_text(c, &rc, 426, "this is a WebSocket endpoint",
+                         "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n");
+        goto done;
+    }
+    if (wants_ws) {
+        respond_text(c, &rc, 404, "no WebSocket route at this path", NULL);
+        goto done;
+    }
+    if (req->content_length > 0 || req->chunked) {
+        if (plen > 5 && memcmp(path, "/pub/", 5) == 0) {
+            handle_publish(c, &rc, req, path + 5, (size_t)plen - 5);
+            goto done;
+        }
+        rc.keep_alive = 0; /* the body is not read */
+    }
+    if (plen > 5 && memcmp(path, "/pub/", 5) == 0) {
+        handle_publish(c, &rc, req, path + 5, (size_t)plen - 5);
+        goto done;
+    }
+    int is_get = (req->method_len == 3 && memcmp(req->method, "GET", 3) == 0) || rc.head_only;
+    if (!is_get) {
+        respond_text(c, &rc, 405, "only GET and HEAD are served here", "Allow: GET, HEAD\r\n");
+        goto done;
+    }
+    if (strcmp(path, "/stats") == 0)
+        serve_stats(c, &rc, 0);
+    else if (strcmp(path, "/metrics") == 0)
+        serve_stats(c, &rc, 1);
+    else if (strcmp(path, "/pub") == 0 || strcmp(path, "/pub/") == 0)
+        respond_json_error(c, &rc, 400, "publish to /pub/<channel>");
+    else
+        serve_static(c, &rc, path, (size_t)plen);
+done:
+    free(path);
+}
+
+/* Parse and serve requests from data; returns the bytes used. Stops early when the connection
+ * becomes a WebSocket or starts closing. */
+static size_t process_http(struct conn *c, char *data, size_t len)
+{
+    size_t off = 0;
+    while (off < len && c->state == CONN_HTTP) {
+        if (c->req) {
+            ssize_t used = feed_body(c, data + off, len - off);
+            if (used < 0)
+                return len;
+            off += (size_t)used;
+            continue;
+        }
+        struct http_request req;
+        struct http_limits lim = {.max_head = cfg->max_head, .max_headers = cfg->max_headers};
+        int rcode = http_parse_request(data + off, len - off, &lim, &req);
+        if (rcode == 0)
+            break;
+        if (rcode < 0) {
+            struct reply_ctx rc = {.req = NULL};
+            respond_text(c, &rc, -rcode, "malformed or oversized request", NULL);
+            return len;
+        }
+        off += (size_t)rcode;
+        handle_request(c, &req);
+        if (c->q_bytes > conn_get_limits()->send_queue) {
+            /* Pipelining without reading the answers: stop serving this client. */
+            conn_close_now(c);
+            return len;
+        }
+    }
+    return off;
+}
+
+/* --- WebSocket frames --------------------------------------------------------------------------- */
+
+static void ws_message_chunk(struct conn *c, const struct ws_event *ev)
+{
+    if (c->close_sent)
+        return; /* closing: data is no longer read, only the peer's close frame */
+    if (ev->fin && !c->message) {
+        route_message(c, ev->data, ev->len, ev->opcode == WS_OP_BINARY);
+        return;
+    }
+    if (!c->message)
+        c->message = xcalloc(1, sizeof(*c->message));
+    buf_append(c->message, ev->data, ev->len);
+    if (ev->fin) {
+        struct buf *m = c->message;
+        c->message = NULL;
+        route_message(c, (const uint8_t *)(m->data ? m->data : ""), m->len, ev->opcode == WS_OP_BINARY);
+        buf_free(m);
+        free(m);
+    }
+}
+
+static size_t process_ws(struct conn *c, uint8_t *data, size_t len)
+{
+    size_t off = 0;
+    while (off < len && (c->state == CONN_WS || c->state == CONN_CLOSING) && !c->close_received) {
+        struct ws_event ev;
+        size_t used;
+        int got = ws_parse(&c->wp, data + off, len - off, &used, &ev);
+        off += used;
+        if (!got)
+            break;
+        c->awaiting_pong = 0;
+        switch (ev.type) {
+        case WS_EV_DATA:
+            ws_message_chunk(c, &ev);
+            break;
+        case WS_EV_PING:
+            chan_settle_for(c);
+            conn_send_frame(c, WS_OP_PONG, ev.data, ev.len);
+            break;
+        case WS_EV_PONG:
+            break;
+        case WS_EV_CLOSE:
+            c->close_received = 1;
+            if (c->close_sent) {
+                conn_close_after_write(c);
+            } else {
+                /* Echo the peer's code, as RFC 6455 5.5.1 suggests; none if it sent none. */
+                conn_ws_close(c, ev.code == WS_CLOSE_NO_STATUS ? 0 : ev.code, "");
+                c->close_code = ev.code;
+            }
+            return len;
+        case WS_EV_ERROR:
+            stats.protocol_errors++;
+            if (ev.code == WS_CLOSE_TOO_BIG)
+                stats.messages_too_big++;
+            log_debug("conn %llu: %s (closing with %u)", (unsigned long long)c->id, ev.error, ev.code);
+            conn_ws_close(c, ev.code, ev.error);
+            return len;
+        }
+    }
+    return off;
+}
+
+/* --- reading ------------------------------------------------------------------------------------ */
+
+static void keep_pending(struct conn *c, const uint8_t *p, size_t n)
+{
+    if (!n)
+        return;
+    c->pending = xcalloc(1, sizeof(*c->pending));
+    buf_append(c->pending, p, n);
+}
+
+static void on_readable(struct conn *c)
+{
+    uint8_t *buf = conn_read_buffer();
+    size_t have = c->pending ? c->pending->len : 0;
+    if (have)
+        memcpy(buf, c->pending->data, have);
+    ssize_t n = read(c->io.fd, buf + have, CONN_READ_BUF - have);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return;
+        conn_close_now(c);
+        return;
+    }
+    if (n == 0) {
+        /* The peer is gone (or done, after a close handshake or a lingering close). */
+        if (c->state == CONN_WS && !c->close_code)
+            c->close_code = WS_CLOSE_ABNORMAL;
+        conn_close_now(c);
+        return;
+    }
+    if (c->pending) {
+        buf_free(c->pending);
+        free(c->pending);
+        c->pending = NULL;
+    }
+    stats.bytes_in += (uint64_t)n;
+    size_t len = have + (size_t)n, used = 0;
+    if (c->state == CONN_LINGER || c->read_shut)
+        return; /* discarded: only EOF is awaited */
+    if (c->state == CONN_HTTP) {
+        used = process_http(c, (char *)buf, len);
+        if (c->state == CONN_WS)
+            used += process_ws(c, buf + used, len - used);
+    } else {
+        conn_touch(c);
+        used = process_ws(c, buf, len);
+    }
+    if (used < len && (c->state == CONN_HTTP || c->state == CONN_WS || c->state == CONN_CLOSING) &&
+        !c->close_received)
+        keep_pending(c, buf + used, len - used);
+}
+
+/* --- connection events -------------------------------------------------------------------------- */
+
+static void on_timeout(struct conn *c)
+{
+    switch (c->state) {
+    case CONN_HTTP:
+        if (c->q_len) { /* still sending a response: not idle */
+            conn_touch(c);
+            return;
+        }
+        conn_close_now(c);
+        break;
+    case CONN_WS:
+        if (c->awaiting_pong) {
+            conn_ws_close(c, WS_CLOSE_GOING_AWAY, "ping timeout");
+            return;
+        }
+        c->awaiting_pong = 1;
+        conn_send_frame(c, WS_OP_PING, "", 0);
+        conn_touch(c);
+        break;
+    default:
+        conn_close_now(c);
+        break;
+    }
+}
+
+/* Called when a connection starts closing and again when it goes: undo its subscriptions. */
+static void on_detach(struct conn *c)
+{
+    chan_unsubscribe_all(c);
+    if (c->is_ws) {
+        c->is_ws = 0;
+        stats.websockets--;
+    }
+    req_state_free(c);
+}
+
+/* --- accepting ---------------------------------------------------------------------------------- */
+
+static void refuse(int fd)
+{
+    static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                               "Connection: close\r\nRetry-After: 5\r\n\r\n";
+    ssize_t w = write(fd, busy, sizeof(busy) - 1);
+    (void)w;
+    close(fd);
+    stats.connections_refused++;
+}
+
+static void on_accept(struct ev_loop *l, ev_io *w, int revents)
+{
+    /* A bounded batch per event keeps accepting fair to the connections already open. */
+    for (int i = 0; i < 256; i++) {
+        struct sockaddr_storage addr;
+        socklen_t alen = sizeof(addr);
+        int fd = accept4(w->fd, (struct sockaddr *)&addr, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if ((errno == EMFILE || errno == ENFILE) && spare_fd >= 0) {
+                /* Out of descriptors: use the spare one to accept and close the connection, so
+                 * the listen queue does not wake the loop forever. */
+                static ev_tstamp last_warning;
+                if (ev_now(loop) - last_warning > 10) {
+                    log_warn("out of file descriptors (%s): refusing connections", strerror(errno));
+                    last_warning = ev_now(loop);
+                }
+                close(spare_fd);
+                fd = accept(w->fd, NULL, NULL);
+                if (fd >= 0)
+                    refuse(fd);
+                spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                continue;
+            }
+            return; /* EAGAIN */
+        }
+        if (shutting_down || conn_count() >= cfg->max_connections) {
+            refuse(fd);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        conn_new(fd, (struct sockaddr *)&addr, alen);
+    }
+}
+
+/* Before the loop waits: hand out this pass's batches, write every queue, flush the access log. */
+static void on_prepare(struct ev_loop *l, ev_prepare *w, int revents)
+{
+    chan_settle();
+    conn_flush_all();
+    log_access_flush();
+}
+
+static void on_housekeeping(struct ev_loop *l, ev_timer *w, int revents) { chan_sweep(ev_now(loop)); }
+
+static void apply_limits(void)
+{
+    struct conn_limits lim = {.send_queue = cfg->send_queue};
+    lim.timeout[CONN_TO_HTTP] = cfg->http_timeout;
+    lim.timeout[CONN_TO_WS] = cfg->ping_interval;
+    lim.timeout[CONN_TO_CLOSING] = cfg->close_timeout;
+    conn_set_limits(&lim);
+}
+
+static void sources_json(struct buf *b, void *arg)
+{
+    struct config *c = *(struct config **)arg;
+    buf_printf(b, "\"redis\":{\"configured\":%s,\"connected\":false},\"tail\":[]",
+               c->redis ? "true" : "false");
+}
+
+static void sources_prom(struct buf *b, void *arg)
+{
+    buf_append_str(b, "# HELP herald_redis_connected 1 when the Redis source is connected\n"
+                      "# TYPE herald_redis_connected gauge\nherald_redis_connected 0\n");
+}
+
+static int listen_on(const char *host, int port, char *err, size_t errlen)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+    struct addrinfo *res;
+    char portstr[16];
+    snprintf(portstr, sizeof(portstr), "%d", port);
+    int rc = getaddrinfo(host, portstr, &hints, &res);
+    if (rc) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, gai_strerror(rc));
+        return -1;
+    }
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        freeaddrinfo(res);
+        return -1;
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
+{
+    loop = l;
+    cfg = c;
+    int fd = listen_on(cfg->host, cfg->port, err, errlen);
+    if (fd < 0)
+        return -1;
+    if (static_set_root(cfg->web_root) < 0) {
+        snprintf(err, errlen, "web_root %s: %s", cfg->web_root, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (log_access_open(cfg->access_log) < 0) {
+        snprintf(err, errlen, "access_log %s: %s", cfg->access_log, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    stats.started = ev_time();
+    chan_init(cfg->channel_ttl);
+    conn_init(loop, on_readable, on_timeout, on_detach);
+    apply_limits();
+    static struct stats_section sources = {sources_json, sources_prom, &cfg};
+    stats_add_section(&sources);
+    ev_io_init(&listen_io, on_accept, fd, EV_READ);
+    ev_io_start(loop, &listen_io);
+    ev_prepare_init(&flush_prepare, on_prepare);
+    ev_prepare_start(loop, &flush_prepare);
+    ev_timer_init(&housekeeping, on_housekeeping, 1.0, 1.0);
+    ev_timer_start(loop, &housekeeping);
+    ev_unref(loop);
+    return 0;
+}
+
+void server_reload(struct config *c)
+{
+    cfg = c;
+    apply_limits();
+    chan_init(cfg->channel_ttl);
+    if (static_set_root(cfg->web_root) < 0)
+        log_error("web_root %s: %s", cfg->web_root, strerror(errno));
+    if (log_access_open(cfg->access_log) < 0)
+        log_error("access_log %s: %s", cfg->access_log, strerror(errno));
+}
+
+static void close_for_shutdown(struct conn *c, void *arg)
+{
+    if (c->state == CONN_WS)
+        conn_ws_close(c, WS_CLOSE_GOING_AWAY, "server shutting down");
+    else if (c->state == CONN_HTTP && !c->q_len && !c->req)
+        conn_close_now(c);
+}
+
+static void close_now_cb(struct conn *c, void *arg) { conn_close_now(c); }
+
+static void check_shutdown_done(struct ev_loop *l, ev_timer *w, int revents)
+{
+    /* Called every 50 ms while shutting down; gives up waiting after close_timeout. */
+    static double waited;
+    waited += 0.05;
+    if (conn_count() == 0 || waited >= cfg->close_timeout) {
+        ev_timer_stop(loop, &shutdown_timer);
+        conn_foreach(close_now_cb, NULL);
+        conn_flush_all();
+        if (shutdown_done)
+            shutdown_done();
+    }
+}
+
+void server_shutdown(void (*done)(void))
+{
+    if (shutting_down)
+        return;
+    shutting_down = 1;
+    shutdown_done = done;
+    ev_io_stop(loop, &listen_io);
+    close(listen_io.fd);
+    conn_foreach(close_for_shutdown, NULL);
+    ev_timer_init(&shutdown_timer, check_shutdown_done, 0.05, 0.05);
+    ev_timer_start(loop, &shutdown_timer);
+}

@@ -1,1 +1,102 @@
-/* stats.c */
+/* stats.c - the counters and their two renderings, kept in step by one table of figures. */
+#include "stats.h"
+
+#include "channel.h"
+#include "conn.h"
+
+#include <ev.h>
+#include <stdlib.h>
+
+struct stats stats;
+
+static struct stats_section *sections;
+static size_t nsections;
+
+void stats_add_section(const struct stats_section *section)
+{
+    sections = xrealloc(sections, (nsections + 1) * sizeof(*sections));
+    sections[nsections++] = *section;
+}
+
+void stats_clear_sections(void)
+{
+    free(sections);
+    sections = NULL;
+    nsections = 0;
+}
+
+enum figure_type { GAUGE, COUNTER };
+
+struct figure {
+    const char *name;
+    enum figure_type type;
+    const char *help;
+    double value;
+};
+
+/* Every figure /stats and /metrics show, in one place so the two cannot drift apart. */
+static size_t collect(struct figure *f)
+{
+    size_t n = 0;
+#define FIG(nm, ty, hp, val) f[n++] = (struct figure){nm, ty, hp, (double)(val)}
+    FIG("connections", GAUGE, "Open client connections", conn_count());
+    FIG("websockets", GAUGE, "Open WebSocket connections", stats.websockets);
+    FIG("channels", GAUGE, "Channels known", chan_count());
+    FIG("subscriptions", GAUGE, "Subscriptions", chan_subscription_count());
+    FIG("connections_total", COUNTER, "Connections accepted", stats.connections_total);
+    FIG("connections_refused", COUNTER, "Connections refused over max_connections",
+        stats.connections_refused);
+    FIG("http_requests", COUNTER, "HTTP requests", stats.http_requests);
+    FIG("http_errors", COUNTER, "HTTP requests answered with an error status", stats.http_errors);
+    FIG("messages_in", COUNTER, "Messages published", stats.messages_in);
+    FIG("messages_out", COUNTER, "Messages delivered to subscribers", stats.messages_out);
+    FIG("bytes_in", COUNTER, "Bytes read from clients", stats.bytes_in);
+    FIG("bytes_out", COUNTER, "Bytes written to clients", stats.bytes_out);
+    FIG("ws_messages_received", COUNTER, "WebSocket messages received", stats.ws_messages_received);
+    FIG("slow_consumers_dropped", COUNTER, "Connections closed for a full send queue",
+        stats.slow_consumers_dropped);
+    FIG("protocol_errors", COUNTER, "WebSockets failed for a protocol error", stats.protocol_errors);
+    FIG("messages_too_big", COUNTER, "Messages refused for exceeding max_message",
+        stats.messages_too_big);
+    FIG("request_errors", COUNTER, "Malformed requests on the pub/sub route", stats.request_errors);
+    FIG("uptime_s", GAUGE, "Seconds since start", ev_time() - stats.started);
+#undef FIG
+    return n;
+}
+
+#define MAX_FIGURES 32
+
+void stats_render_json(struct buf *out)
+{
+    struct figure f[MAX_FIGURES];
+    size_t n = collect(f);
+    buf_append(out, "{", 1);
+    for (size_t i = 0; i < n; i++)
+        buf_printf(out, "%s\"%s\":%.0f", i ? "," : "", f[i].name, f[i].value);
+    for (size_t i = 0; i < nsections; i++) {
+        buf_append(out, ",", 1);
+        sections[i].json(out, sections[i].arg);
+    }
+    buf_append(out, "}\n", 2);
+}
+
+void stats_render_prometheus(struct buf *out)
+{
+    struct figure f[MAX_FIGURES];
+    size_t n = collect(f);
+    for (size_t i = 0; i < n; i++) {
+        const char *suffix = f[i].type == COUNTER ? "_total" : "";
+        /* Prometheus counters end in _total; names that already do keep theirs. */
+        size_t len = 0;
+        while (f[i].name[len])
+            len++;
+        if (len > 6 && f[i].type == COUNTER && f[i].name[len - 6] == '_' &&
+            f[i].name[len - 5] == 't')
+            suffix = "";
+        buf_printf(out, "# HELP herald_%s%s %s\n# TYPE herald_%s%s %s\nherald_%s%s %.0f\n", f[i].name,
+                   suffix, f[i].help, f[i].name, suffix, f[i].type == COUNTER ? "counter" : "gauge",
+                   f[i].name, suffix, f[i].value);
+    }
+    for (size_t i = 0; i < nsections; i++)
+        sections[i].prom(out, sections[i].arg);
+}

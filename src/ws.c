@@ -1,1 +1,464 @@
-/* ws.c - see ws.h */
+/* ws.c - RFC 6455 on bytes alone: frame parsing and encoding, close frames, the handshake's keys
+ * and UTF-8 validation. Sockets, buffers and what a message means belong to the connection code. */
+#include "ws.h"
+
+#include <string.h>
+
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+
+/* UTF-8: bytes fall into 12 classes, and the state says which bytes may follow. Each multi-byte
+ * lead with a narrowed second-byte range (E0, ED, F0, F4) gets its own state, which is what makes
+ * overlongs, surrogates and code points above U+10FFFF fail on the very byte that rules them out. */
+#define UTF8_REJECT 8
+#define UTF8_CLASSES 12
+
+static const uint8_t utf8_class[256] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 00..0F */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 10..1F */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 20..2F */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 30..3F */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 40..4F */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 50..5F */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 60..6F */
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 70..7F */
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, /* 80..8F */
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, /* 90..9F */
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, /* A0..AF */
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, /* B0..BF */
+    4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, /* C0..CF: C0, C1 only start overlongs */
+    5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, /* D0..DF */
+    6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 7, /* E0..EF */
+    9, 10, 10, 10, 11, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, /* F0..FF: F5 and up exceed U+10FFFF */
+};
+
+#define R UTF8_REJECT
+static const uint8_t utf8_next[(UTF8_REJECT + 1) * UTF8_CLASSES] = {
+    /*        asc 80  90  A0  bad C2  E0  E1  ED  F0  F1  F4 */
+    /* 0 */   0,  R,  R,  R,  R,  1,  4,  2,  5,  6,  3,  7,
+    /* 1 */   R,  0,  0,  0,  R,  R,  R,  R,  R,  R,  R,  R, /* one continuation left */
+    /* 2 */   R,  1,  1,  1,  R,  R,  R,  R,  R,  R,  R,  R, /* two left */
+    /* 3 */   R,  2,  2,  2,  R,  R,  R,  R,  R,  R,  R,  R, /* three left */
+    /* 4 */   R,  R,  R,  1,  R,  R,  R,  R,  R,  R,  R,  R, /* after E0: 80..9F would be overlong */
+    /* 5 */   R,  1,  1,  R,  R,  R,  R,  R,  R,  R,  R,  R, /* after ED: A0..BF are surrogates */
+    /* 6 */   R,  R,  2,  2,  R,  R,  R,  R,  R,  R,  R,  R, /* after F0: 80..8F would be overlong */
+    /* 7 */   R,  2,  R,  R,  R,  R,  R,  R,  R,  R,  R,  R, /* after F4: 90..BF pass U+10FFFF */
+    /* 8 */   R,  R,  R,  R,  R,  R,  R,  R,  R,  R,  R,  R,
+};
+#undef R
+
+static inline uint32_t utf8_step(uint32_t state, uint8_t byte)
+{
+    return utf8_next[state * UTF8_CLASSES + utf8_class[byte]];
+}
+
+int ws_utf8_feed(uint32_t *state, const uint8_t *p, size_t len)
+{
+    const uint8_t *end = p + len;
+    uint32_t s = *state;
+
+    if (s == UTF8_REJECT)
+        return -1;
+    while (p < end) {
+        if (s == WS_UTF8_ACCEPT) {
+            /* Mostly-ASCII text is the common case: skip it a word at a time. */
+            while (end - p >= 8) {
+                uint64_t w;
+                memcpy(&w, p, 8);
+                if (w & UINT64_C(0x8080808080808080))
+                    break;
+                p += 8;
+            }
+            while (p < end && *p < 0x80)
+                p++;
+            if (p == end)
+                break;
+        }
+        s = utf8_step(s, *p++);
+        if (s == UTF8_REJECT) {
+            *state = s;
+            return -1;
+        }
+    }
+    *state = s;
+    return 0;
+}
+
+int ws_utf8_valid(const uint8_t *p, size_t len)
+{
+    uint32_t s = WS_UTF8_ACCEPT;
+    return ws_utf8_feed(&s, p, len) == 0 && s == WS_UTF8_ACCEPT;
+}
+
+/* Errors are kept as an index into this table in parser->failed, so a failed parser can repeat
+ * its error without a wider struct. Index 0 means "not failed". */
+enum {
+    WS_ERR_NONE,
+    WS_ERR_RSV,
+    WS_ERR_OPCODE,
+    WS_ERR_CONTROL_FRAGMENTED,
+    WS_ERR_CONTROL_TOO_LONG,
+    WS_ERR_NO_MESSAGE,
+    WS_ERR_IN_MESSAGE,
+    WS_ERR_UNMASKED,
+    WS_ERR_MASKED,
+    WS_ERR_LENGTH_MSB,
+    WS_ERR_LENGTH_NOT_MINIMAL,
+    WS_ERR_TOO_BIG,
+    WS_ERR_UTF8,
+    WS_ERR_CLOSE_LENGTH,
+    WS_ERR_CLOSE_CODE,
+    WS_ERR_CLOSE_UTF8,
+};
+
+static const struct {
+    uint16_t code;
+    const char *text;
+} ws_errors[] = {
+    [WS_ERR_NONE] = {0, ""},
+    [WS_ERR_RSV] = {WS_CLOSE_PROTOCOL, "reserved bits set"},
+    [WS_ERR_OPCODE] = {WS_CLOSE_PROTOCOL, "reserved opcode"},
+    [WS_ERR_CONTROL_FRAGMENTED] = {WS_CLOSE_PROTOCOL, "fragmented control frame"},
+    [WS_ERR_CONTROL_TOO_LONG] = {WS_CLOSE_PROTOCOL, "control frame payload over 125 bytes"},
+    [WS_ERR_NO_MESSAGE] = {WS_CLOSE_PROTOCOL, "continuation frame with no message in progress"},
+    [WS_ERR_IN_MESSAGE] = {WS_CLOSE_PROTOCOL, "new message inside a fragmented message"},
+    [WS_ERR_UNMASKED] = {WS_CLOSE_PROTOCOL, "unmasked frame from client"},
+    [WS_ERR_MASKED] = {WS_CLOSE_PROTOCOL, "masked frame from server"},
+    [WS_ERR_LENGTH_MSB] = {WS_CLOSE_PROTOCOL, "64-bit payload length with the top bit set"},
+    [WS_ERR_LENGTH_NOT_MINIMAL] = {WS_CLOSE_PROTOCOL, "payload length not minimally encoded"},
+    [WS_ERR_TOO_BIG] = {WS_CLOSE_TOO_BIG, "message too big"},
+    [WS_ERR_UTF8] = {WS_CLOSE_INVALID_DATA, "invalid UTF-8 in text message"},
+    [WS_ERR_CLOSE_LENGTH] = {WS_CLOSE_PROTOCOL, "close payload of 1 byte"},
+    [WS_ERR_CLOSE_CODE] = {WS_CLOSE_PROTOCOL, "invalid close code"},
+    [WS_ERR_CLOSE_UTF8] = {WS_CLOSE_INVALID_DATA, "invalid UTF-8 in close reason"},
+};
+
+void ws_parser_init(struct ws_parser *p, enum ws_role role, uint64_t max_message)
+{
+    memset(p, 0, sizeof(*p));
+    p->role = (uint8_t)role;
+    p->max_message = max_message;
+    p->utf8_state = WS_UTF8_ACCEPT;
+}
+
+static void ws_event_set(struct ws_event *ev, enum ws_event_type type, int opcode, const uint8_t *data,
+                         size_t len)
+{
+    memset(ev, 0, sizeof(*ev));
+    ev->type = type;
+    ev->opcode = opcode;
+    ev->data = data;
+    ev->len = len;
+}
+
+/* The connection is going away: swallow the rest so a caller looping on *consumed terminates. */
+static int ws_fail(struct ws_parser *p, int err, size_t len, size_t *consumed, struct ws_event *ev)
+{
+    p->failed = (uint8_t)err;
+    ws_event_set(ev, WS_EV_ERROR, 0, NULL, 0);
+    ev->code = ws_errors[err].code;
+    ev->error = ws_errors[err].text;
+    *consumed = len;
+    return 1;
+}
+
+/* A complete control frame, already unmasked; off is the offset just past it. */
+static int ws_control(struct ws_parser *p, int opcode, const uint8_t *pl, size_t plen, size_t off,
+                      size_t len, size_t *consumed, struct ws_event *ev)
+{
+    if (opcode == WS_OP_CLOSE) {
+        uint16_t code;
+
+        if (plen == 0) {
+            ws_event_set(ev, WS_EV_CLOSE, opcode, pl, 0);
+            ev->code = WS_CLOSE_NO_STATUS;
+            *consumed = off;
+            return 1;
+        }
+        if (plen == 1)
+            return ws_fail(p, WS_ERR_CLOSE_LENGTH, len, consumed, ev);
+        code = (uint16_t)(pl[0] << 8 | pl[1]);
+        if (!ws_close_code_valid(code))
+            return ws_fail(p, WS_ERR_CLOSE_CODE, len, consumed, ev);
+        if (!ws_utf8_valid(pl + 2, plen - 2))
+            return ws_fail(p, WS_ERR_CLOSE_UTF8, len, consumed, ev);
+        ws_event_set(ev, WS_EV_CLOSE, opcode, pl + 2, plen - 2);
+        ev->code = code;
+    } else {
+        ws_event_set(ev, opcode == WS_OP_PING ? WS_EV_PING : WS_EV_PONG, opcode, pl, plen);
+    }
+    *consumed = off;
+    return 1;
+}
+
+/* Hand out whatever of the current data frame's payload is in buf[off..len). Returns 1 with an
+ * event, 0 when nothing is available, -1 when an empty non-final frame ended (no event: nothing
+ * to tell, and parsing simply goes on with the next frame). */
+static int ws_payload(struct ws_parser *p, uint8_t *buf, size_t len, size_t off, size_t *consumed,
+                      struct ws_event *ev)
+{
+    uint8_t *data = buf + off;
+    size_t n = len - off;
+    int fin = 0;
+
+    if ((uint64_t)n > p->frame_left)
+        n = (size_t)p->frame_left;
+    if (n == 0 && p->frame_left != 0) {
+        *consumed = off;
+        return 0;
+    }
+    if (p->role == WS_ROLE_SERVER) {
+        ws_mask(data, n, p->mask, p->mask_pos);
+        p->mask_pos = (uint8_t)((p->mask_pos + n) & 3);
+    }
+    if (p->message_op == WS_OP_TEXT && ws_utf8_feed(&p->utf8_state, data, n) < 0)
+        return ws_fail(p, WS_ERR_UTF8, len, consumed, ev);
+    p->frame_left -= n;
+    p->message_len += n;
+    if (p->frame_left == 0) {
+        p->in_frame = 0;
+        if (p->frame_fin) {
+            if (p->message_op == WS_OP_TEXT && p->utf8_state != WS_UTF8_ACCEPT)
+                return ws_fail(p, WS_ERR_UTF8, len, consumed, ev);
+            fin = 1;
+        } else if (n == 0) {
+            return -1;
+        }
+    }
+    ws_event_set(ev, WS_EV_DATA, p->message_op, data, n);
+    ev->fin = fin;
+    if (fin) {
+        p->message_op = 0;
+        p->message_len = 0;
+        p->utf8_state = WS_UTF8_ACCEPT;
+    }
+    *consumed = off + n;
+    return 1;
+}
+
+int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, struct ws_event *ev)
+{
+    size_t off = 0;
+
+    if (p->failed)
+        return ws_fail(p, p->failed, len, consumed, ev);
+    for (;;) {
+        const uint8_t *h = buf + off;
+        size_t rest = len - off, hlen = 2;
+        uint64_t plen;
+        int op, fin, masked;
+
+        if (p->in_frame) {
+            int r = ws_payload(p, buf, len, off, consumed, ev);
+            if (r >= 0)
+                return r;
+            continue;
+        }
+
+        /* Each check runs as soon as the bytes it needs are here, so a broken peer is refused on
+         * the first byte that proves it, not after we have waited for a whole frame. */
+        *consumed = off;
+        if (rest < 1)
+            return 0;
+        op = h[0] & 0x0F;
+        fin = h[0] >> 7;
+        if (h[0] & 0x70)
+            return ws_fail(p, WS_ERR_RSV, len, consumed, ev);
+        if (op == WS_OP_CONT) {
+            if (!p->message_op)
+                return ws_fail(p, WS_ERR_NO_MESSAGE, len, consumed, ev);
+        } else if (op == WS_OP_TEXT || op == WS_OP_BINARY) {
+            if (p->message_op)
+                return ws_fail(p, WS_ERR_IN_MESSAGE, len, consumed, ev);
+        } else if (op == WS_OP_CLOSE || op == WS_OP_PING || op == WS_OP_PONG) {
+            if (!fin)
+                return ws_fail(p, WS_ERR_CONTROL_FRAGMENTED, len, consumed, ev);
+        } else {
+            return ws_fail(p, WS_ERR_OPCODE, len, consumed, ev);
+        }
+
+        if (rest < 2)
+            return 0;
+        masked = h[1] >> 7;
+        plen = h[1] & 0x7F;
+        if (masked && p->role == WS_ROLE_CLIENT)
+            return ws_fail(p, WS_ERR_MASKED, len, consumed, ev);
+        if (!masked && p->role == WS_ROLE_SERVER)
+            return ws_fail(p, WS_ERR_UNMASKED, len, consumed, ev);
+        if (op >= WS_OP_CLOSE && plen > WS_MAX_CONTROL_PAYLOAD)
+            return ws_fail(p, WS_ERR_CONTROL_TOO_LONG, len, consumed, ev);
+        if (plen == 126) {
+            if (rest < 4)
+                return 0;
+            plen = (uint64_t)h[2] << 8 | h[3];
+            hlen = 4;
+            if (plen < 126)
+                return ws_fail(p, WS_ERR_LENGTH_NOT_MINIMAL, len, consumed, ev);
+        } else if (plen == 127) {
+            if (rest >= 3 && (h[2] & 0x80))
+                return ws_fail(p, WS_ERR_LENGTH_MSB, len, consumed, ev);
+            if (rest < 10)
+                return 0;
+            plen = 0;
+            for (int i = 2; i < 10; i++)
+                plen = plen << 8 | h[i];
+            hlen = 10;
+            if (plen <= 0xFFFF)
+                return ws_fail(p, WS_ERR_LENGTH_NOT_MINIMAL, len, consumed, ev);
+        }
+        /* message_len is 0 for a new message and never exceeds max_message, so no overflow. */
+        if (op < WS_OP_CLOSE && plen > p->max_message - p->message_len)
+            return ws_fail(p, WS_ERR_TOO_BIG, len, consumed, ev);
+        if (masked)
+            hlen += 4;
+        if (rest < hlen)
+            return 0;
+
+        if (op >= WS_OP_CLOSE) {
+            uint8_t *pl = buf + off + hlen;
+
+            /* Control frames are small and must be seen whole (a close reason is validated as a
+             * unit), so they wait in the caller's buffer until complete. */
+            if (rest - hlen < plen)
+                return 0;
+            if (masked)
+                ws_mask(pl, (size_t)plen, h + hlen - 4, 0);
+            return ws_control(p, op, pl, (size_t)plen, off + hlen + (size_t)plen, len, consumed, ev);
+        }
+
+        if (masked)
+            memcpy(p->mask, h + hlen - 4, 4);
+        p->mask_pos = 0;
+        p->frame_left = plen;
+        p->frame_fin = (uint8_t)fin;
+        p->in_frame = 1;
+        if (op != WS_OP_CONT) {
+            p->message_op = (uint8_t)op;
+            p->message_len = 0;
+            p->utf8_state = WS_UTF8_ACCEPT;
+        }
+        off += hlen;
+    }
+}
+
+size_t ws_frame_header(uint8_t *out, int opcode, int fin, uint64_t len, const uint8_t *mask)
+{
+    uint8_t mask_bit = mask ? 0x80 : 0;
+    size_t n;
+
+    out[0] = (uint8_t)((fin ? 0x80 : 0) | (opcode & 0x0F));
+    if (len < 126) {
+        out[1] = (uint8_t)(mask_bit | len);
+        n = 2;
+    } else if (len <= 0xFFFF) {
+        out[1] = mask_bit | 126;
+        out[2] = (uint8_t)(len >> 8);
+        out[3] = (uint8_t)len;
+        n = 4;
+    } else {
+        out[1] = mask_bit | 127;
+        for (int i = 0; i < 8; i++)
+            out[2 + i] = (uint8_t)(len >> (56 - 8 * i));
+        n = 10;
+    }
+    if (mask) {
+        memcpy(out + n, mask, 4);
+        n += 4;
+    }
+    return n;
+}
+
+void ws_mask(uint8_t *data, size_t len, const uint8_t mask[4], size_t pos)
+{
+    uint8_t m8[8];
+    uint64_t m;
+    size_t i = 0;
+
+    /* 8 is a multiple of 4, so one rotated 8-byte key serves every whole word. */
+    for (int k = 0; k < 8; k++)
+        m8[k] = mask[(pos + (size_t)k) & 3];
+    memcpy(&m, m8, 8);
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, data + i, 8);
+        w ^= m;
+        memcpy(data + i, &w, 8);
+    }
+    for (; i < len; i++)
+        data[i] ^= m8[i & 7];
+}
+
+size_t ws_close_frame(uint8_t *out, uint16_t code, const char *reason)
+{
+    size_t n = 0;
+
+    if (code == 0 || code == WS_CLOSE_NO_STATUS)
+        return ws_frame_header(out, WS_OP_CLOSE, 1, 0, NULL);
+    if (reason) {
+        /* Keep the longest prefix of at most 123 bytes that ends on a character boundary; an
+         * invalid byte ends it too, since a peer must fail a close with a non-UTF-8 reason. */
+        uint32_t s = WS_UTF8_ACCEPT;
+        for (size_t i = 0; i < WS_MAX_CONTROL_PAYLOAD - 2 && reason[i]; i++) {
+            s = utf8_step(s, (uint8_t)reason[i]);
+            if (s == UTF8_REJECT)
+                break;
+            if (s == WS_UTF8_ACCEPT)
+                n = i + 1;
+        }
+    }
+    ws_frame_header(out, WS_OP_CLOSE, 1, 2 + n, NULL);
+    out[2] = (uint8_t)(code >> 8);
+    out[3] = (uint8_t)code;
+    if (n)
+        memcpy(out + 4, reason, n);
+    return 4 + n;
+}
+
+int ws_close_code_valid(uint16_t code)
+{
+    return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) ||
+           (code >= 3000 && code <= 4999);
+}
+
+static int ws_base64_value(char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+int ws_key_valid(const char *key, size_t len)
+{
+    int v = 0;
+
+    if (len != 24 || key[22] != '=' || key[23] != '=')
+        return 0;
+    for (size_t i = 0; i < 22; i++)
+        if ((v = ws_base64_value(key[i])) < 0)
+            return 0;
+    /* 22 characters carry 132 bits for 128 of data: the last one's low 4 bits must be 0, or the
+     * text is not the canonical encoding of 16 bytes. */
+    return (v & 0x0F) == 0;
+}
+
+void ws_accept_key(const char *key, size_t len, char out[29])
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    uint8_t in[64 + sizeof(guid) - 1], md[SHA_DIGEST_LENGTH];
+
+    /* Only a 24-byte key passes ws_key_valid; a longer one is cut rather than allocated for. */
+    if (len > 64)
+        len = 64;
+    memcpy(in, key, len);
+    memcpy(in + len, guid, sizeof(guid) - 1);
+    SHA1(in, len + sizeof(guid) - 1, md);
+    EVP_EncodeBlock((unsigned char *)out, md, SHA_DIGEST_LENGTH);
+}

@@ -1,0 +1,68 @@
+/* channel.h - the channel registry, per-channel sequence numbers, subscriptions, and fan-out.
+ *
+ * Fan-out is per message, not per subscriber: a channel's subscribers are grouped by route, and a
+ * published message is encoded once per group, appended to that group's batch block for the current
+ * loop pass. Before the loop sleeps (chan_settle) each subscriber gets one reference to the part of
+ * the batch published since it subscribed, so a burst of messages reaches each subscriber as one
+ * shared region written with one writev. */
+#ifndef HERALD_CHANNEL_H
+#define HERALD_CHANNEL_H
+
+#include <ev.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CHAN_NAME_MAX 200
+
+struct conn;
+struct route;
+
+/* A message being published. Only valid during chan_publish; lazily computed facts about the
+ * payload are cached in it so each is worked out once per message, whatever the number of routes. */
+struct chan_msg {
+    const char *channel;
+    size_t channel_len;
+    const char *data;
+    size_t len;
+    uint8_t is_json;   /* data is a JSON value (published on the generic route) */
+    int8_t utf8;       /* data is valid UTF-8: -1 not yet known */
+    int8_t json;       /* data is one valid JSON value: -1 not yet known */
+    uint64_t seq;      /* set by chan_publish */
+    char *decoded;     /* a JSON string value's contents, made at most once; freed by chan_publish */
+    size_t decoded_len;
+};
+
+/* 1 if name[0..len) is a valid channel name (1..200 bytes of A-Z a-z 0-9 _ - . : /), else 0 with
+ * *why saying what is wrong. */
+int chan_name_valid(const char *name, size_t len, const char **why);
+
+void chan_init(double idle_ttl);
+
+/* Publish m to its channel (the name must be valid). Returns the message's seq; *subscribers (if
+ * not NULL) gets the channel's local subscriber count. */
+uint64_t chan_publish(struct chan_msg *m, size_t *subscribers);
+
+/* Subscribe c, on its route, to channel name (valid). Returns 1, or 0 if it already was. */
+int chan_subscribe(struct conn *c, const char *name, size_t len);
+/* Returns 1, or 0 if c was not subscribed. Messages published before the call are still delivered. */
+int chan_unsubscribe(struct conn *c, const char *name, size_t len);
+void chan_unsubscribe_all(struct conn *c);
+
+/* Hand every batch published since the last call to its subscribers' queues. */
+void chan_settle(void);
+/* Before a reply is queued to c directly, settle if c could have batched messages waiting, so
+ * that c sees messages and replies in the order they happened. */
+void chan_settle_for(struct conn *c);
+
+/* Forget channels that have had no subscriber for idle_ttl seconds. */
+void chan_sweep(ev_tstamp now);
+
+/* The name of c's most recent subscription (NULL when none); *len gets its length. */
+const char *chan_first_name(const struct conn *c, size_t *len);
+
+size_t chan_count(void);
+uint64_t chan_subscription_count(void);
+/* Local subscribers and last seq of a channel; 0 and 0 when it is unknown. */
+void chan_info(const char *name, size_t len, size_t *subscribers, uint64_t *last_seq);
+
+#endif

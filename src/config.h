@@ -1,0 +1,74 @@
+/* config.h - the configuration: a Lua chunk that sets globals, loaded and checked into plain C
+ * structures. Every problem is reported as one line naming the file, the line and what is wrong.
+ * Relative paths in the file are made relative to the file's own directory. */
+#ifndef HERALD_CONFIG_H
+#define HERALD_CONFIG_H
+
+#include <stddef.h>
+
+struct route;
+
+struct config_redis {
+    char *host;
+    int port;
+    char *socket;     /* a Unix socket path instead of host and port; NULL when unused */
+    char *password;
+    int db;
+    char **channels;
+    size_t nchannels;
+    char **patterns;
+    size_t npatterns;
+    int mirror;
+};
+
+struct config_tail {
+    char *path;
+    char *channel;
+    int from_start;
+};
+
+struct config_tls {
+    int port;
+    char *cert;
+    char *key;
+};
+
+struct config_history {
+    char *prefix;
+    size_t length;
+    double age;
+};
+
+struct config {
+    char *file;          /* as given */
+    char *dir;           /* its directory, for relative paths */
+    char *host;
+    int port;
+    char *web_root;      /* absolute or relative to the working directory; NULL: none */
+    char *access_log;
+    char *publish_token;
+    char *log_level;
+    size_t max_message;
+    size_t send_queue;
+    size_t max_connections;
+    size_t max_head;
+    size_t max_headers;
+    double ping_interval;
+    double http_timeout;
+    double close_timeout;
+    double channel_ttl;
+    struct route **routes;
+    size_t nroutes;
+    struct config_redis *redis;   /* NULL: no Redis */
+    struct config_tail *tails;
+    size_t ntails;
+    struct config_tls *tls;       /* NULL: no TLS listener */
+    struct config_history *history;
+    size_t nhistory;
+};
+
+/* Load file into cfg (which is zeroed first). Returns 0, or -1 with a one-line message in err. */
+int config_load(const char *file, struct config *cfg, char *err, size_t errlen);
+void config_free(struct config *cfg);
+
+#endif

@@ -1,0 +1,61 @@
+/* route.h - routes: a WebSocket path and what its connections mean. The built-in kinds (the generic
+ * JSON pub/sub protocol, raw subscribe, echo) live here; script routes hand their events to Lua.
+ *
+ * A route is reference counted: connections and channel groups hold it, so a configuration reload
+ * can replace the route table while old connections finish on what they started with. */
+#ifndef HERALD_ROUTE_H
+#define HERALD_ROUTE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+
+struct conn;
+struct chan_msg;
+struct http_request;
+
+enum route_kind { ROUTE_PUBSUB, ROUTE_RAW, ROUTE_ECHO, ROUTE_SCRIPT };
+
+struct route {
+    uint32_t refs;
+    enum route_kind kind;
+    char *path;
+    size_t path_len;
+    int prefix;          /* path ends in '/': the rest of the request path is a channel */
+    int publish;         /* raw routes: client messages are published to the channel */
+    char *script;        /* script routes: the script's path */
+    uint64_t messages;   /* messages received from clients on this route */
+    uint64_t deliver_calls; /* messages encoded for this route's subscribers */
+};
+
+struct route *route_new(enum route_kind kind, const char *path);
+struct route *route_ref(struct route *r);
+void route_unref(struct route *r);
+const char *route_kind_name(enum route_kind kind);
+
+/* The route a request path (percent-decoded, without query) belongs to, or NULL. */
+struct route *route_match(struct route *const *routes, size_t n, const char *path, size_t len);
+
+/* A WebSocket handshake on r was accepted for c (the 101 response is queued). path is the decoded
+ * request path; query the raw query string or NULL. Returns 0, or -1 with the connection closed
+ * with a reason. */
+int route_open(struct route *r, struct conn *c, const char *path, size_t path_len, const char *query,
+               size_t query_len);
+
+/* Check a handshake before it is accepted: 0 to go on, or an HTTP status (400) with *why set. */
+int route_check_handshake(struct route *r, const char *path, size_t path_len, const char *query,
+                          size_t query_len, const char **why);
+
+/* A complete WebSocket message from c on its route. */
+void route_message(struct conn *c, const uint8_t *data, size_t len, int binary);
+
+/* The payload r's subscribers get for m: *p and *len (valid until the next call or until m is
+ * gone) and the frame's opcode. Called once per message per route with subscribers. Returns 0, or
+ * -1 when the route drops the message. */
+int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *len, int *opcode);
+
+/* Send a text frame to c, after anything published to it before (see chan_settle_for). */
+void route_send_text(struct conn *c, const char *text, size_t len);
+
+#endif

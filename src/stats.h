@@ -1,0 +1,45 @@
+/* stats.h - the broker's counters, and their rendering as JSON (/stats) and in the Prometheus text
+ * format (/metrics). Counters are plain fields bumped where things happen; figures that other
+ * modules own (channels, sources) are asked for at render time. */
+#ifndef HERALD_STATS_H
+#define HERALD_STATS_H
+
+#include <stdint.h>
+
+#include "buf.h"
+
+struct stats {
+    uint64_t connections_total;
+    uint64_t connections_refused;   /* over max_connections */
+    uint64_t websockets;            /* open WebSocket connections now */
+    uint64_t http_requests;
+    uint64_t http_errors;           /* requests answered 4xx or 5xx */
+    uint64_t messages_in;           /* messages published, from every source */
+    uint64_t messages_out;          /* messages delivered, one per subscriber */
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    uint64_t ws_messages_received;  /* WebSocket messages from clients */
+    uint64_t slow_consumers_dropped;
+    uint64_t protocol_errors;       /* WebSockets failed by a protocol or UTF-8 error */
+    uint64_t messages_too_big;      /* messages refused for max_message */
+    uint64_t request_errors;        /* malformed /ws requests answered with an error */
+    double started;                 /* ev_time() at start */
+};
+
+extern struct stats stats;
+
+/* A source of messages (Redis, a tailed file) adds its state to /stats and /metrics by
+ * registering a renderer; json writes one or more "name": value members (no trailing comma),
+ * prom writes complete metric lines. */
+struct stats_section {
+    void (*json)(struct buf *out, void *arg);
+    void (*prom)(struct buf *out, void *arg);
+    void *arg;
+};
+void stats_add_section(const struct stats_section *section);
+void stats_clear_sections(void);
+
+void stats_render_json(struct buf *out);
+void stats_render_prometheus(struct buf *out);
+
+#endif
