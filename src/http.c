@@ -304,7 +304,7 @@ int http_has_token(const char *value, size_t len, const char *token)
         const char *t = el_end;
         while (t > s && (t[-1] == ' ' || t[-1] == '\t'))
             t--;
-        if (http_name_is(s, (size_t)(t - s), token))
+        if (t > s && http_name_is(s, (size_t)(t - s), token)) /* empty elements are allowed */
             return 1;
         s = comma ? comma + 1 : e;
     }

@@ -54,11 +54,14 @@ static inline uint32_t utf8_step(uint32_t state, uint8_t byte)
 
 int ws_utf8_feed(uint32_t *state, const uint8_t *p, size_t len)
 {
-    const uint8_t *end = p + len;
+    const uint8_t *end;
     uint32_t s = *state;
 
     if (s == UTF8_REJECT)
         return -1;
+    if (len == 0)
+        return 0;
+    end = p + len;
     while (p < end) {
         if (s == WS_UTF8_ACCEPT) {
             /* Mostly-ASCII text is the common case: skip it a word at a time. */
@@ -197,8 +200,8 @@ static int ws_control(struct ws_parser *p, int opcode, const uint8_t *pl, size_t
 static int ws_payload(struct ws_parser *p, uint8_t *buf, size_t len, size_t off, size_t *consumed,
                       struct ws_event *ev)
 {
-    uint8_t *data = buf + off;
     size_t n = len - off;
+    uint8_t *data;
     int fin = 0;
 
     if ((uint64_t)n > p->frame_left)
@@ -207,6 +210,7 @@ static int ws_payload(struct ws_parser *p, uint8_t *buf, size_t len, size_t off,
         *consumed = off;
         return 0;
     }
+    data = buf + off;
     if (p->role == WS_ROLE_SERVER) {
         ws_mask(data, n, p->mask, p->mask_pos);
         p->mask_pos = (uint8_t)((p->mask_pos + n) & 3);
@@ -243,7 +247,7 @@ int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, st
     if (p->failed)
         return ws_fail(p, p->failed, len, consumed, ev);
     for (;;) {
-        const uint8_t *h = buf + off;
+        const uint8_t *h;
         size_t rest = len - off, hlen = 2;
         uint64_t plen;
         int op, fin, masked;
@@ -260,6 +264,7 @@ int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, st
         *consumed = off;
         if (rest < 1)
             return 0;
+        h = buf + off;
         op = h[0] & 0x0F;
         fin = h[0] >> 7;
         if (h[0] & 0x70)
