@@ -55,6 +55,23 @@ static struct group *dirty_list;
 static struct chan *idle_head, *idle_tail;
 static double idle_ttl = 300;
 static uint8_t hash_key[16];
+static struct chan_observer observer;
+
+void chan_set_observer(const struct chan_observer *o)
+{
+    if (o)
+        observer = *o;
+    else
+        memset(&observer, 0, sizeof(observer));
+}
+
+void chan_foreach_subscribed(void (*fn)(const char *name, size_t len, void *arg), void *arg)
+{
+    for (size_t i = 0; i < table_size; i++)
+        for (struct chan *ch = table[i]; ch; ch = ch->hnext)
+            if (ch->nsubs)
+                fn(ch->name, ch->name_len, arg);
+}
 
 /* SipHash-1-3 with a key drawn at start-up, so a client cannot pick channel names that all land
  * in one bucket. */
@@ -271,6 +288,8 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
     }
     free(m->decoded);
     m->decoded = NULL;
+    if (!m->remote && observer.published)
+        observer.published(m, observer.arg);
     if (subscribers)
         *subscribers = ch->nsubs;
     return m->seq;
@@ -361,8 +380,11 @@ int chan_subscribe(struct conn *c, const char *name, size_t len)
     s->conn_next = c->subs;
     c->subs = s;
     c->nsubs++;
-    if (ch->nsubs++ == 0)
+    if (ch->nsubs++ == 0) {
         idle_unlink(ch);
+        if (observer.first_subscriber)
+            observer.first_subscriber(ch->name, ch->name_len, observer.arg);
+    }
     sub_total++;
     return 1;
 }
@@ -384,8 +406,11 @@ static void sub_remove(struct sub *s)
     g->subs[s->idx]->idx = s->idx;
     s->conn->nsubs--;
     sub_total--;
-    if (--ch->nsubs == 0)
+    if (--ch->nsubs == 0) {
         idle_append(ch, ev_time());
+        if (observer.last_unsubscribed)
+            observer.last_unsubscribed(ch->name, ch->name_len, observer.arg);
+    }
     group_release(g);
     free(s);
 }

@@ -27,6 +27,7 @@ struct chan_msg {
     uint8_t is_json;   /* data is a JSON value (published on the generic route) */
     int8_t utf8;       /* data is valid UTF-8: -1 not yet known */
     int8_t json;       /* data is one valid JSON value: -1 not yet known */
+    uint8_t remote;    /* came from another node (through Redis): not mirrored back */
     uint64_t seq;      /* set by chan_publish */
     char *decoded;     /* a JSON string value's contents, made at most once; freed by chan_publish */
     size_t decoded_len;
@@ -56,6 +57,21 @@ void chan_settle_for(struct conn *c);
 
 /* Forget channels that have had no subscriber for idle_ttl seconds. */
 void chan_sweep(ev_tstamp now);
+
+/* Who wants to hear about the registry's events (the Redis source in mirror mode): a channel
+ * gaining its first local subscriber or losing its last, and every message published on this node
+ * (m->remote == 0), called after local fan-out. Any callback may be NULL. */
+struct chan_observer {
+    void (*first_subscriber)(const char *name, size_t len, void *arg);
+    void (*last_unsubscribed)(const char *name, size_t len, void *arg);
+    void (*published)(const struct chan_msg *m, void *arg);
+    void *arg;
+};
+/* Set (or, with NULL, clear) the observer. */
+void chan_set_observer(const struct chan_observer *observer);
+/* Call fn on the name of every channel that has local subscribers (to resubscribe after a
+ * reconnect). */
+void chan_foreach_subscribed(void (*fn)(const char *name, size_t len, void *arg), void *arg);
 
 /* The name of c's most recent subscription (NULL when none); *len gets its length. */
 const char *chan_first_name(const struct conn *c, size_t *len);

@@ -21,7 +21,7 @@
 static struct ev_loop *loop;
 static void (*on_read)(struct conn *c);
 static void (*on_timeout)(struct conn *c);
-static void (*on_detach)(struct conn *c);
+static void (*on_detach)(struct conn *c, uint16_t code, const char *reason);
 static struct conn_limits limits = {
     .send_queue = 4u << 20,
     .timeout = {[CONN_TO_HTTP] = 15, [CONN_TO_WS] = 30, [CONN_TO_CLOSING] = 5},
@@ -47,7 +47,7 @@ static void conn_write(struct conn *c);
 uint8_t *conn_read_buffer(void) { return read_buffer; }
 
 void conn_init(struct ev_loop *l, void (*read_cb)(struct conn *c), void (*timeout_cb)(struct conn *c),
-               void (*free_cb)(struct conn *c))
+               void (*free_cb)(struct conn *c, uint16_t code, const char *reason))
 {
     loop = l;
     on_read = read_cb;
@@ -249,7 +249,7 @@ void conn_ws_close(struct conn *c, uint16_t code, const char *reason)
         c->close_code = code;
     /* Detaching first delivers what was published while it was subscribed, before the close. */
     if (on_detach)
-        on_detach(c);
+        on_detach(c, code ? code : WS_CLOSE_NO_STATUS, reason ? reason : "");
     uint8_t frame[WS_MAX_PENDING];
     size_t n = ws_close_frame(frame, code, reason);
     c->close_sent = 1;
@@ -273,7 +273,7 @@ void conn_close_now(struct conn *c)
     if (c->state == CONN_DEAD)
         return;
     if (on_detach)
-        on_detach(c);
+        on_detach(c, c->close_code ? c->close_code : WS_CLOSE_ABNORMAL, "");
     ev_io_stop(loop, &c->io);
     close(c->io.fd);
     to_unlink(c);
@@ -402,7 +402,7 @@ void conn_flush_all(void)
             log_debug("conn %llu: slow consumer (%zu bytes queued), closing",
                       (unsigned long long)c->id, c->q_bytes);
             if (on_detach)
-                on_detach(c);
+                on_detach(c, WS_CLOSE_TRY_AGAIN, "slow consumer");
             queue_drop_unstarted(c, 1);
             c->read_shut = 1;
             conn_ws_close(c, WS_CLOSE_TRY_AGAIN, "slow consumer");

@@ -74,8 +74,11 @@ struct conn_limits {
 };
 
 /* Set up the connection machinery on loop. read_cb is called when a connection is readable. */
+/* detach_cb is called when a connection starts closing and again when it goes (it must be
+ * idempotent), with the close code and reason (1006 and "" when the socket just went). */
 void conn_init(struct ev_loop *loop, void (*read_cb)(struct conn *c),
-               void (*timeout_cb)(struct conn *c), void (*free_cb)(struct conn *c));
+               void (*timeout_cb)(struct conn *c),
+               void (*detach_cb)(struct conn *c, uint16_t code, const char *reason));
 void conn_set_limits(const struct conn_limits *limits);
 const struct conn_limits *conn_get_limits(void);
 

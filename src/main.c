@@ -1,6 +1,8 @@
 /* main.c - command line, configuration, signals, and the event loop. */
 #include "config.h"
 #include "log.h"
+#include "route.h"
+#include "script.h"
 #include "server.h"
 
 #include <ev.h>
@@ -117,6 +119,15 @@ int main(int argc, char **argv)
     }
     if (port_override)
         cfg.port = port_override;
+    loop = ev_default_loop(EVFLAG_AUTO);
+    script_init(loop);
+    for (size_t i = 0; i < cfg.nroutes; i++) {
+        if (cfg.routes[i]->kind == ROUTE_SCRIPT && script_load(cfg.routes[i], err, sizeof(err)) < 0) {
+            fprintf(stderr, "herald: %s\n", err);
+            config_free(&cfg);
+            return 1;
+        }
+    }
     if (check_only) {
         printf("%s: configuration OK\n", config_file);
         config_free(&cfg);
@@ -126,7 +137,6 @@ int main(int argc, char **argv)
         log_set_level((enum log_level)log_level_parse(cfg.log_level));
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
-    loop = ev_default_loop(EVFLAG_AUTO);
     if (server_start(loop, &cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "herald: %s\n", err);
         config_free(&cfg);

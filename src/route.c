@@ -5,6 +5,8 @@
 #include "conn.h"
 #include "http.h"
 #include "json.h"
+#include "log.h"
+#include "script.h"
 #include "stats.h"
 #include "ws.h"
 
@@ -36,6 +38,8 @@ void route_unref(struct route *r)
 {
     if (!r || --r->refs)
         return;
+    if (r->kind == ROUTE_SCRIPT)
+        script_unload(r);
     free(r->path);
     free(r->script);
     free(r);
@@ -100,9 +104,13 @@ static ssize_t query_channels(const char *query, size_t query_len)
     return http_query_get(query, query_len, "subscribe", scratch.data, scratch.cap);
 }
 
-int route_check_handshake(struct route *r, const char *path, size_t path_len, const char *query,
-                          size_t query_len, const char **why)
+int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
+                 size_t path_len, const char **why)
 {
+    const char *query = req->query;
+    size_t query_len = req->query_len;
+    if (r->kind == ROUTE_SCRIPT)
+        return script_accept(r, c, req, path, path_len, why);
     if (r->kind == ROUTE_RAW)
         return chan_name_valid(path + r->path_len, path_len - r->path_len, why) ? 0 : 400;
     if (r->kind == ROUTE_PUBSUB) {
@@ -126,8 +134,44 @@ int route_open(struct route *r, struct conn *c, const char *path, size_t path_le
         ssize_t n = query_channels(query, query_len);
         if (n >= 0)
             each_channel(scratch.data, (size_t)n, subscribe_name, c);
+    } else if (r->kind == ROUTE_SCRIPT) {
+        script_opened(c);
     }
     return 0;
+}
+
+void route_closed(struct conn *c, uint16_t code, const char *reason)
+{
+    if (c->route && c->route->kind == ROUTE_SCRIPT)
+        script_closed(c, code, reason);
+}
+
+int route_adopt(struct route **routes, size_t n, struct route *const *old, size_t nold)
+{
+    int failures = 0;
+    char err[512];
+    for (size_t i = 0; i < n; i++) {
+        struct route *r = routes[i];
+        for (size_t j = 0; j < nold; j++) {
+            struct route *o = old[j];
+            if (o->kind != r->kind || strcmp(o->path, r->path) != 0)
+                continue;
+            o->publish = r->publish;
+            if (r->script) {
+                free(o->script);
+                o->script = xstrdup(r->script);
+            }
+            routes[i] = route_ref(o);
+            route_unref(r);
+            r = o;
+            break;
+        }
+        if (r->kind == ROUTE_SCRIPT && script_load(r, err, sizeof(err)) < 0) {
+            log_error("%s", err);
+            failures++;
+        }
+    }
+    return failures;
 }
 
 /* --- the generic protocol ------------------------------------------------------------------ */
@@ -276,6 +320,7 @@ void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
         }
         break;
     case ROUTE_SCRIPT:
+        script_message(c, data, len, binary);
         break;
     }
 }
@@ -315,8 +360,10 @@ int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *l
         *opcode = WS_OP_TEXT;
         return 0;
     }
-    /* Raw (and, until a script shapes it, script) routes get the bytes as published; a JSON
-     * string published on the generic route arrives as the string's contents. */
+    if (r->kind == ROUTE_SCRIPT)
+        return script_deliver(r, m, p, len, opcode);
+    /* Raw routes get the bytes as published; a JSON string published on the generic route arrives
+     * as the string's contents. */
     if (m->is_json && m->len && m->data[0] == '"') {
         if (!m->decoded) {
             m->decoded = xmalloc(m->len);

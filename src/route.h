@@ -25,6 +25,7 @@ struct route {
     int prefix;          /* path ends in '/': the rest of the request path is a channel */
     int publish;         /* raw routes: client messages are published to the channel */
     char *script;        /* script routes: the script's path */
+    void *script_state;  /* script routes: the Lua state (script.c) */
     uint64_t messages;   /* messages received from clients on this route */
     uint64_t deliver_calls; /* messages encoded for this route's subscribers */
 };
@@ -43,9 +44,19 @@ struct route *route_match(struct route *const *routes, size_t n, const char *pat
 int route_open(struct route *r, struct conn *c, const char *path, size_t path_len, const char *query,
                size_t query_len);
 
-/* Check a handshake before it is accepted: 0 to go on, or an HTTP status (400) with *why set. */
-int route_check_handshake(struct route *r, const char *path, size_t path_len, const char *query,
-                          size_t query_len, const char **why);
+/* Decide on a handshake before the 101 is sent (channel names, a script's open hook): 0 to go on,
+ * or an HTTP status (400, 403) with *why set. */
+int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
+                 size_t path_len, const char **why);
+
+/* c is closing: a script route runs its close hook (once). */
+void route_closed(struct conn *c, uint16_t code, const char *reason);
+
+/* After a configuration reload: routes in the new table that match an old route by path and kind
+ * are replaced by the old route object (updated in place, its script re-run in its own state), so
+ * connections keep their Lua state; new script routes are loaded. Load errors are logged and the
+ * route keeps its previous script. Returns the number of scripts that failed to load. */
+int route_adopt(struct route **routes, size_t n, struct route *const *old, size_t nold);
 
 /* A complete WebSocket message from c on its route. */
 void route_message(struct conn *c, const uint8_t *data, size_t len, int binary);

@@ -9,6 +9,8 @@
 #include "json.h"
 #include "log.h"
 #include "route.h"
+#include "script.h"
+#include "source.h"
 #include "static.h"
 #include "stats.h"
 #include "ws.h"
@@ -422,7 +424,7 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         return;
     }
     const char *why = NULL;
-    int status = route_check_handshake(r, path, path_len, req->query, req->query_len, &why);
+    int status = route_accept(r, c, req, path, path_len, &why);
     if (status) {
         respond_text(c, rc, status, why ? why : "refused", NULL);
         return;
@@ -585,9 +587,12 @@ static size_t process_ws(struct conn *c, uint8_t *data, size_t len)
             if (c->close_sent) {
                 conn_close_after_write(c);
             } else {
-                /* Echo the peer's code, as RFC 6455 5.5.1 suggests; none if it sent none. */
-                conn_ws_close(c, ev.code == WS_CLOSE_NO_STATUS ? 0 : ev.code, "");
+                /* Echo the peer's code and reason, as RFC 6455 5.5.1 suggests; none if it sent none. */
+                char reason[WS_MAX_CONTROL_PAYLOAD];
+                memcpy(reason, ev.data, ev.len);
+                reason[ev.len] = 0;
                 c->close_code = ev.code;
+                conn_ws_close(c, ev.code == WS_CLOSE_NO_STATUS ? 0 : ev.code, reason);
             }
             return len;
         case WS_EV_ERROR:
@@ -681,10 +686,12 @@ static void on_timeout(struct conn *c)
     }
 }
 
-/* Called when a connection starts closing and again when it goes: undo its subscriptions. */
-static void on_detach(struct conn *c)
+/* Called when a connection starts closing and again when it goes: undo its subscriptions, tell its
+ * script. */
+static void on_detach(struct conn *c, uint16_t code, const char *reason)
 {
     chan_unsubscribe_all(c);
+    route_closed(c, code, reason);
     if (c->is_ws) {
         c->is_ws = 0;
         stats.websockets--;
@@ -773,6 +780,36 @@ static void sources_prom(struct buf *b, void *arg)
                       "# TYPE herald_redis_connected gauge\nherald_redis_connected 0\n");
 }
 
+/* Per-route figures: messages from clients and payloads made for subscribers (for a script route,
+ * deliver hook calls: one per message, whatever the number of subscribers). */
+static void routes_json(struct buf *b, void *arg)
+{
+    buf_append_str(b, "\"routes\":[");
+    for (size_t i = 0; i < cfg->nroutes; i++) {
+        struct route *r = cfg->routes[i];
+        buf_printf(b, "%s{\"path\":\"%s\",\"kind\":\"%s\",\"messages\":%llu,\"deliver_calls\":%llu}",
+                   i ? "," : "", r->path, route_kind_name(r->kind), (unsigned long long)r->messages,
+                   (unsigned long long)r->deliver_calls);
+    }
+    buf_append_str(b, "],");
+    script_stats_json(b);
+}
+
+static void routes_prom(struct buf *b, void *arg)
+{
+    buf_append_str(b, "# HELP herald_route_messages_total Messages received from clients, per route\n"
+                      "# TYPE herald_route_messages_total counter\n");
+    for (size_t i = 0; i < cfg->nroutes; i++)
+        buf_printf(b, "herald_route_messages_total{path=\"%s\"} %llu\n", cfg->routes[i]->path,
+                   (unsigned long long)cfg->routes[i]->messages);
+    buf_append_str(b, "# HELP herald_route_deliver_calls_total Payloads made for subscribers, per route\n"
+                      "# TYPE herald_route_deliver_calls_total counter\n");
+    for (size_t i = 0; i < cfg->nroutes; i++)
+        buf_printf(b, "herald_route_deliver_calls_total{path=\"%s\"} %llu\n", cfg->routes[i]->path,
+                   (unsigned long long)cfg->routes[i]->deliver_calls);
+    script_stats_prom(b);
+}
+
 static int listen_on(const char *host, int port, char *err, size_t errlen)
 {
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
@@ -823,6 +860,10 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
     apply_limits();
     static struct stats_section sources = {sources_json, sources_prom, &cfg};
     stats_add_section(&sources);
+    static const struct stats_section routes = {routes_json, routes_prom, NULL};
+    stats_add_section(&routes);
+    redis_src_configure(loop, cfg);
+    tail_configure(loop, cfg);
     ev_io_init(&listen_io, on_accept, fd, EV_READ);
     ev_io_start(loop, &listen_io);
     ev_prepare_init(&flush_prepare, on_prepare);
@@ -835,7 +876,10 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
 
 void server_reload(struct config *c)
 {
+    route_adopt(c->routes, c->nroutes, cfg->routes, cfg->nroutes);
     cfg = c;
+    redis_src_configure(loop, cfg);
+    tail_configure(loop, cfg);
     apply_limits();
     chan_init(cfg->channel_ttl);
     if (static_set_root(cfg->web_root) < 0)
@@ -874,6 +918,8 @@ void server_shutdown(void (*done)(void))
         return;
     shutting_down = 1;
     shutdown_done = done;
+    redis_src_stop();
+    tail_stop();
     ev_io_stop(loop, &listen_io);
     close(listen_io.fd);
     conn_foreach(close_for_shutdown, NULL);

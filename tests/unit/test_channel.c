@@ -18,7 +18,7 @@ static struct ev_loop *loop;
 
 static void no_read(struct conn *c) { (void)c; }
 static void no_timeout(struct conn *c) { conn_touch(c); }
-static void detach(struct conn *c) { chan_unsubscribe_all(c); }
+static void detach(struct conn *c, uint16_t code, const char *reason) { chan_unsubscribe_all(c); }
 
 struct peer {
     struct conn *conn;
