@@ -529,6 +529,9 @@ static size_t process_http(struct conn *c, char *data, size_t len)
             return len;
         }
         off += (size_t)rcode;
+        /* Only a whole request renews the idle timer, so a client trickling a header byte by
+         * byte (slowloris) is cut off after http_timeout. */
+        conn_touch(c);
         handle_request(c, &req);
         if (c->q_bytes > conn_get_limits()->send_queue) {
             /* Pipelining without reading the answers: stop serving this client. */
@@ -651,7 +654,8 @@ static void on_readable(struct conn *c)
         if (c->state == CONN_WS)
             used += process_ws(c, buf + used, len - used);
     } else {
-        conn_touch(c);
+        if (c->state == CONN_WS) /* while closing, only the close timeout counts */
+            conn_touch(c);
         used = process_ws(c, buf, len);
     }
     if (used < len && (c->state == CONN_HTTP || c->state == CONN_WS || c->state == CONN_CLOSING) &&
