@@ -385,7 +385,8 @@ static void load_tail(struct loader *ld, struct config *cfg)
 
 static void load_tls(struct loader *ld, struct config *cfg)
 {
-    static const char *const keys[] = {"port", "cert", "key", NULL};
+    static const char *const keys[] = {"port", "cert", "key", "sni", NULL};
+    static const char *const cert_keys[] = {"cert", "key", NULL};
     if (get_global(ld, "tls") == LUA_TNIL) {
         lua_pop(ld->L, 1);
         return;
@@ -399,6 +400,27 @@ static void load_tls(struct loader *ld, struct config *cfg)
     t->cert = resolve(cfg, pop_string(ld, 1));
     get_field(ld, "tls", "key");
     t->key = resolve(cfg, pop_string(ld, 1));
+    if (get_field(ld, "tls", "sni") != LUA_TNIL) {
+        need_table(ld);
+        check_keys(ld, "tls.sni", NULL);
+        size_t n = lua_rawlen(ld->L, -1);
+        t->sni = xcalloc(n + 1, sizeof(*t->sni));
+        for (size_t i = 0; i < n; i++) {
+            char name[32];
+            snprintf(name, sizeof(name), "tls.sni[%zu]", i + 1);
+            lua_rawgeti(ld->L, -1, (lua_Integer)i + 1);
+            snprintf(ld->where, sizeof(ld->where), "%s", name);
+            need_table(ld);
+            check_keys(ld, name, cert_keys);
+            struct config_tls_cert *c = &t->sni[t->nsni++];
+            get_field(ld, name, "cert");
+            c->cert = resolve(cfg, pop_string(ld, 1));
+            get_field(ld, name, "key");
+            c->key = resolve(cfg, pop_string(ld, 1));
+            lua_pop(ld->L, 1);
+        }
+    }
+    lua_pop(ld->L, 1);
     lua_pop(ld->L, 1);
 }
 
@@ -590,6 +612,11 @@ void config_free(struct config *cfg)
     if (cfg->tls) {
         free(cfg->tls->cert);
         free(cfg->tls->key);
+        for (size_t i = 0; i < cfg->tls->nsni; i++) {
+            free(cfg->tls->sni[i].cert);
+            free(cfg->tls->sni[i].key);
+        }
+        free(cfg->tls->sni);
         free(cfg->tls);
     }
     for (size_t i = 0; i < cfg->nhistory; i++)

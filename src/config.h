@@ -27,10 +27,17 @@ struct config_tail {
     int from_start;
 };
 
-struct config_tls {
-    int port;
+struct config_tls_cert {
     char *cert;
     char *key;
+};
+
+struct config_tls {
+    int port;
+    char *cert;        /* the default certificate (chain) and key */
+    char *key;
+    struct config_tls_cert *sni; /* more certificates, chosen by the client's server name */
+    size_t nsni;
 };
 
 struct config_history {

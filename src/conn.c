@@ -4,6 +4,7 @@
 #include "log.h"
 #include "route.h"
 #include "stats.h"
+#include "tls.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -154,6 +155,8 @@ static void schedule_flush(struct conn *c)
     }
 }
 
+void conn_schedule_flush(struct conn *c) { schedule_flush(c); }
+
 static void queue_push(struct conn *c, struct block *blk, size_t off, size_t len)
 {
     if (c->q_len == c->q_cap) {
@@ -289,6 +292,7 @@ void conn_close_now(struct conn *c)
 
 static void set_write_interest(struct conn *c, int want)
 {
+    want |= c->tls_read_wants_write;
     int events = EV_READ | (want ? EV_WRITE : 0);
     if (c->read_shut && c->state != CONN_LINGER && c->state != CONN_CLOSING)
         events &= ~EV_READ;
@@ -297,6 +301,12 @@ static void set_write_interest(struct conn *c, int want)
     ev_io_stop(loop, &c->io);
     ev_io_set(&c->io, c->io.fd, events);
     ev_io_start(loop, &c->io);
+}
+
+void conn_wait_writable(struct conn *c)
+{
+    c->tls_read_wants_write = 1;
+    set_write_interest(c, 1);
 }
 
 /* The queue is empty: move a closing connection on towards its end. */
@@ -309,6 +319,8 @@ static void drained(struct conn *c)
     if (c->state == CONN_CLOSING && (c->close_received || c->wp.failed || c->read_shut)) {
         /* Shut our side down and read until the peer's EOF, so that our close frame or error
          * response is not destroyed by a reset from unread input (a lingering close). */
+        if (c->tls)
+            tls_shutdown(c->tls);
         shutdown(c->io.fd, SHUT_WR);
         c->state = CONN_LINGER;
         conn_touch(c);
@@ -328,16 +340,31 @@ static void conn_write(struct conn *c)
             iov[n].iov_len = it->len;
             n++;
         }
-        ssize_t w = writev(c->io.fd, iov, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        ssize_t w;
+        if (c->tls) {
+            w = tls_writev(c->tls, iov, n);
+            if (w == TLS_WANT_WRITE) {
                 set_write_interest(c, 1);
                 return;
             }
-            conn_close_now(c); /* EPIPE, ECONNRESET: the peer is gone */
-            return;
+            if (w == TLS_WANT_READ)
+                return; /* retried after the next read */
+            if (w < 0) {
+                conn_close_now(c);
+                return;
+            }
+        } else {
+            w = writev(c->io.fd, iov, n);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    set_write_interest(c, 1);
+                    return;
+                }
+                conn_close_now(c); /* EPIPE, ECONNRESET: the peer is gone */
+                return;
+            }
         }
         stats.bytes_out += (uint64_t)w;
         size_t left = (size_t)w;
@@ -378,6 +405,8 @@ static void free_conn(struct conn *c)
     }
     free(c->req);
     route_unref(c->route);
+    if (c->tls)
+        tls_free(c->tls);
     free(c);
 }
 
@@ -431,8 +460,14 @@ void conn_foreach(void (*fn)(struct conn *c, void *arg), void *arg)
 static void io_cb(struct ev_loop *l, ev_io *w, int revents)
 {
     struct conn *c = w->data;
-    if (revents & EV_WRITE)
+    if (revents & EV_WRITE) {
         conn_write(c);
+        if (c->tls_read_wants_write && c->state != CONN_DEAD) {
+            c->tls_read_wants_write = 0;
+            revents |= EV_READ;
+            set_write_interest(c, c->q_len > 0);
+        }
+    }
     if ((revents & EV_READ) && c->state != CONN_DEAD)
         on_read(c);
 }

@@ -20,6 +20,7 @@
 struct route;
 struct sub;
 struct http_req_state;
+struct ssl_st;
 
 enum conn_state {
     CONN_HTTP,     /* reading HTTP requests */
@@ -53,6 +54,7 @@ struct conn {
     uint8_t close_received;
     uint8_t read_shut;    /* stop reading: slow consumer, shutdown */
     uint8_t is_ws;        /* counted in stats.websockets */
+    uint8_t tls_read_wants_write; /* a TLS read is waiting for the socket to be writable */
     uint16_t close_code;  /* code to log/report when the connection ends */
     struct route *route;  /* WebSocket route; holds a reference */
     struct ws_parser wp;
@@ -65,6 +67,7 @@ struct conn {
     struct sub *subs;     /* this connection's subscriptions (linked through the sub) */
     uint32_t nsubs;
     int script_ref;       /* the Lua client object, LUA_NOREF when none */
+    struct ssl_st *tls;   /* the TLS session on the TLS port; NULL for plain connections */
     struct sockaddr_in6 addr; /* peer, IPv4 addresses mapped */
 };
 
@@ -105,6 +108,11 @@ void conn_ws_close(struct conn *c, uint16_t code, const char *reason);
 void conn_close_after_write(struct conn *c);
 /* Drop the connection at once: the socket is closed now, the memory at the end of the pass. */
 void conn_close_now(struct conn *c);
+
+/* Make sure c's queue is written this pass, and keep write interest on while data is waiting. */
+void conn_schedule_flush(struct conn *c);
+/* A TLS read needs the socket writable before it can go on. */
+void conn_wait_writable(struct conn *c);
 
 /* 1 if the send queue is past the slow-consumer limit. */
 int conn_over_limit(const struct conn *c);

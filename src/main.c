@@ -150,6 +150,8 @@ int main(int argc, char **argv)
     ev_signal_start(loop, &sigterm);
     ev_signal_start(loop, &sighup);
     log_info("herald %s listening on http://%s:%d/", HERALD_VERSION, cfg.host, cfg.port);
+    if (cfg.tls)
+        log_info("TLS on https://%s:%d/", cfg.host, cfg.tls->port);
     ev_run(loop, 0);
     log_access_flush();
     log_info("stopped");

@@ -12,6 +12,7 @@
 #include "script.h"
 #include "source.h"
 #include "static.h"
+#include "tls.h"
 #include "stats.h"
 #include "ws.h"
 
@@ -44,6 +45,7 @@ struct http_req_state {
 static struct ev_loop *loop;
 static struct config *cfg;
 static ev_io listen_io;
+static ev_io tls_listen_io; /* fd -1 when there is no TLS listener */
 static ev_prepare flush_prepare;
 static ev_timer housekeeping;
 static ev_timer shutdown_timer;
@@ -626,12 +628,31 @@ static void on_readable(struct conn *c)
     size_t have = c->pending ? c->pending->len : 0;
     if (have)
         memcpy(buf, c->pending->data, have);
-    ssize_t n = read(c->io.fd, buf + have, CONN_READ_BUF - have);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+    ssize_t n;
+    if (c->tls) {
+        n = tls_read(c->tls, buf + have, CONN_READ_BUF - have);
+        if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
+            if (n == TLS_WANT_WRITE)
+                conn_wait_writable(c);
+            if (c->q_len) /* a write may have been waiting for this read */
+                conn_schedule_flush(c);
             return;
-        conn_close_now(c);
-        return;
+        }
+        if (n == TLS_ERROR) {
+            conn_close_now(c);
+            return;
+        }
+        /* Records already decrypted inside the session do not make the socket readable. */
+        if (n > 0 && tls_pending(c->tls))
+            ev_feed_event(loop, &c->io, EV_READ);
+    } else {
+        n = read(c->io.fd, buf + have, CONN_READ_BUF - have);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return;
+            conn_close_now(c);
+            return;
+        }
     }
     if (n == 0) {
         /* The peer is gone (or done, after a close handshake or a lingering close). */
@@ -748,7 +769,13 @@ static void on_accept(struct ev_loop *l, ev_io *w, int revents)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        conn_new(fd, (struct sockaddr *)&addr, alen);
+        struct ssl_st *ssl = NULL;
+        if (w == &tls_listen_io && !(ssl = tls_new(fd))) {
+            close(fd);
+            continue;
+        }
+        struct conn *c = conn_new(fd, (struct sockaddr *)&addr, alen);
+        c->tls = ssl;
     }
 }
 
@@ -857,6 +884,20 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
         close(fd);
         return -1;
     }
+    tls_listen_io.fd = -1;
+    if (cfg->tls) {
+        if (tls_configure(cfg->tls, err, errlen) < 0) {
+            close(fd);
+            return -1;
+        }
+        int tfd = listen_on(cfg->host, cfg->tls->port, err, errlen);
+        if (tfd < 0) {
+            close(fd);
+            return -1;
+        }
+        ev_io_init(&tls_listen_io, on_accept, tfd, EV_READ);
+        ev_io_start(loop, &tls_listen_io);
+    }
     spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     stats.started = ev_time();
     chan_init(cfg->channel_ttl);
@@ -882,6 +923,9 @@ void server_reload(struct config *c)
 {
     route_adopt(c->routes, c->nroutes, cfg->routes, cfg->nroutes);
     cfg = c;
+    char err[512];
+    if (cfg->tls && tls_configure(cfg->tls, err, sizeof(err)) < 0)
+        log_error("reload: %s; keeping the previous certificates", err);
     redis_src_configure(loop, cfg);
     tail_configure(loop, cfg);
     apply_limits();
@@ -926,6 +970,10 @@ void server_shutdown(void (*done)(void))
     tail_stop();
     ev_io_stop(loop, &listen_io);
     close(listen_io.fd);
+    if (tls_listen_io.fd >= 0) {
+        ev_io_stop(loop, &tls_listen_io);
+        close(tls_listen_io.fd);
+    }
     conn_foreach(close_for_shutdown, NULL);
     ev_timer_init(&shutdown_timer, check_shutdown_done, 0.05, 0.05);
     ev_timer_start(loop, &shutdown_timer);
