@@ -1,6 +1,7 @@
 /* buf.c - growable buffers and reference-counted blocks. */
 #include "buf.h"
 
+#include <openssl/rand.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,3 +133,53 @@ struct block *block_append(struct block *b, const void *p, size_t n)
     b->len += n;
     return b;
 }
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                  \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                     \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                     \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                  \
+    } while (0)
+
+static uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v; /* little-endian hosts only; the hash need not be portable, only keyed */
+}
+
+uint64_t buf_hash(const void *p, size_t len)
+{
+    static uint8_t hash_key[16];
+    static int keyed;
+    if (!keyed) {
+        if (RAND_bytes(hash_key, sizeof(hash_key)) != 1)
+            memset(hash_key, 0x5a, sizeof(hash_key));
+        keyed = 1;
+    }
+    const uint8_t *in = p;
+    uint64_t k0 = load64(hash_key), k1 = load64(hash_key + 8);
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
+    uint64_t b = (uint64_t)len << 56;
+    const uint8_t *end = in + (len & ~(size_t)7);
+    for (; in != end; in += 8) {
+        uint64_t m = load64(in);
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
+    }
+    for (size_t i = 0; i < (len & 7); i++)
+        b |= (uint64_t)in[i] << (8 * i);
+    v3 ^= b;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+

@@ -32,6 +32,10 @@ void buf_consume(struct buf *b, size_t n);
 /* Free the storage; the buffer is empty again. */
 void buf_free(struct buf *b);
 
+/* SipHash-1-3 of p[0..n) under a key drawn at first use: for hash tables whose keys a client
+ * chooses (channel names, addresses), so no one can aim many keys at one bucket. */
+uint64_t buf_hash(const void *p, size_t n);
+
 /* A reference-counted block of bytes. Whoever holds a reference may append while it is the only
  * holder; once shared, bytes below len never change, so holders may keep pointers into it. */
 struct block {

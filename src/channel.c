@@ -7,7 +7,6 @@
 #include "stats.h"
 #include "ws.h"
 
-#include <openssl/rand.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,7 +53,6 @@ static uint64_t sub_total;
 static struct group *dirty_list;
 static struct chan *idle_head, *idle_tail;
 static double idle_ttl = 300;
-static uint8_t hash_key[16];
 static struct chan_observer observer;
 
 void chan_set_observer(const struct chan_observer *o)
@@ -73,55 +71,13 @@ void chan_foreach_subscribed(void (*fn)(const char *name, size_t len, void *arg)
                 fn(ch->name, ch->name_len, arg);
 }
 
-/* SipHash-1-3 with a key drawn at start-up, so a client cannot pick channel names that all land
- * in one bucket. */
-#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-#define SIPROUND                                                                                   \
-    do {                                                                                           \
-        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                  \
-        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                     \
-        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                     \
-        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                  \
-    } while (0)
+static size_t max_subs_per_conn = 1000;
 
-static uint64_t load64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v; /* little-endian hosts only; the hash need not be portable, only keyed */
-}
-
-static uint64_t siphash13(const uint8_t *in, size_t len)
-{
-    uint64_t k0 = load64(hash_key), k1 = load64(hash_key + 8);
-    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
-    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
-    uint64_t b = (uint64_t)len << 56;
-    const uint8_t *end = in + (len & ~(size_t)7);
-    for (; in != end; in += 8) {
-        uint64_t m = load64(in);
-        v3 ^= m;
-        SIPROUND;
-        v0 ^= m;
-    }
-    for (size_t i = 0; i < (len & 7); i++)
-        b |= (uint64_t)in[i] << (8 * i);
-    v3 ^= b;
-    SIPROUND;
-    v0 ^= b;
-    v2 ^= 0xff;
-    SIPROUND;
-    SIPROUND;
-    SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
-}
-
-void chan_init(double ttl)
+void chan_init(double ttl, size_t max_subscriptions)
 {
     idle_ttl = ttl;
+    max_subs_per_conn = max_subscriptions;
     if (!table) {
-        if (RAND_bytes(hash_key, sizeof(hash_key)) != 1)
-            memset(hash_key, 0x5a, sizeof(hash_key));
         table_size = 1024;
         table = xcalloc(table_size, sizeof(*table));
     }
@@ -196,7 +152,7 @@ static void table_grow(void)
 
 static struct chan *chan_lookup(const char *name, size_t len, int create)
 {
-    uint64_t h = siphash13((const uint8_t *)name, len);
+    uint64_t h = buf_hash(name, len);
     for (struct chan *ch = table[h & (table_size - 1)]; ch; ch = ch->hnext)
         if (ch->hash == h && ch->name_len == len && memcmp(ch->name, name, len) == 0)
             return ch;
@@ -355,6 +311,10 @@ int chan_subscribe(struct conn *c, const char *name, size_t len)
     struct chan *ch = chan_lookup(name, len, 1);
     if (find_sub(c, ch))
         return 0;
+    if (c->nsubs >= max_subs_per_conn) {
+        stats.subscription_limit_hits++;
+        return -1;
+    }
     struct group *g = ch->groups;
     while (g && g->route != c->route)
         g = g->next;

@@ -37,13 +37,15 @@ struct chan_msg {
  * *why saying what is wrong. */
 int chan_name_valid(const char *name, size_t len, const char **why);
 
-void chan_init(double idle_ttl);
+/* idle_ttl: seconds an unsubscribed channel is remembered; max_subscriptions: per connection. */
+void chan_init(double idle_ttl, size_t max_subscriptions);
 
 /* Publish m to its channel (the name must be valid). Returns the message's seq; *subscribers (if
  * not NULL) gets the channel's local subscriber count. */
 uint64_t chan_publish(struct chan_msg *m, size_t *subscribers);
 
-/* Subscribe c, on its route, to channel name (valid). Returns 1, or 0 if it already was. */
+/* Subscribe c, on its route, to channel name (valid). Returns 1, 0 if it already was, or -1 when c
+ * has max_subscriptions already (counted in stats). */
 int chan_subscribe(struct conn *c, const char *name, size_t len);
 /* Returns 1, or 0 if c was not subscribed. Messages published before the call are still delivered. */
 int chan_unsubscribe(struct conn *c, const char *name, size_t len);

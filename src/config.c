@@ -223,7 +223,9 @@ static void load_listen(struct loader *ld, struct config *cfg)
 
 static void load_limits(struct loader *ld, struct config *cfg)
 {
-    static const char *const keys[] = {"max_message", "send_queue", "max_connections", "max_head",
+    static const char *const keys[] = {"max_message", "send_queue", "max_connections",
+                                       "max_connections_per_ip", "max_subscriptions", "message_rate",
+                                       "max_head",
                                        "max_headers", "ping_interval", "http_timeout", "close_timeout",
                                        "channel_ttl", NULL};
     if (get_global(ld, "limits") == LUA_TNIL) {
@@ -238,8 +240,14 @@ static void load_limits(struct loader *ld, struct config *cfg)
     cfg->send_queue = (size_t)pop_number(ld, (double)cfg->send_queue, 1024, 1u << 31, 1);
     get_field(ld, "limits", "max_connections");
     cfg->max_connections = (size_t)pop_number(ld, (double)cfg->max_connections, 1, 10000000, 1);
+    get_field(ld, "limits", "max_connections_per_ip");
+    cfg->max_connections_per_ip = (size_t)pop_number(ld, (double)cfg->max_connections_per_ip, 1, 10000000, 1);
+    get_field(ld, "limits", "max_subscriptions");
+    cfg->max_subscriptions = (size_t)pop_number(ld, (double)cfg->max_subscriptions, 1, 10000000, 1);
+    get_field(ld, "limits", "message_rate");
+    cfg->message_rate = (size_t)pop_number(ld, (double)cfg->message_rate, 1, 100000000, 1);
     get_field(ld, "limits", "max_head");
-    cfg->max_head = (size_t)pop_number(ld, (double)cfg->max_head, 1024, 1 << 20, 1);
+    cfg->max_head = (size_t)pop_number(ld, (double)cfg->max_head, 1024, 65536, 1);
     get_field(ld, "limits", "max_headers");
     cfg->max_headers = (size_t)pop_number(ld, (double)cfg->max_headers, 1, 64, 1);
     get_field(ld, "limits", "ping_interval");
@@ -528,6 +536,9 @@ static void set_defaults(struct config *cfg, const char *file)
     cfg->max_message = 1048576;
     cfg->send_queue = 4194304;
     cfg->max_connections = 100000;
+    cfg->max_connections_per_ip = 1000;
+    cfg->max_subscriptions = 1000;
+    cfg->message_rate = 1000;
     cfg->max_head = 16384;
     cfg->max_headers = 64;
     cfg->ping_interval = 30;

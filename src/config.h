@@ -58,6 +58,9 @@ struct config {
     size_t max_message;
     size_t send_queue;
     size_t max_connections;
+    size_t max_connections_per_ip;
+    size_t max_subscriptions;   /* per connection */
+    size_t message_rate;        /* messages per second a client may send */
     size_t max_head;
     size_t max_headers;
     double ping_interval;

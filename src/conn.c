@@ -275,12 +275,12 @@ void conn_close_now(struct conn *c)
 {
     if (c->state == CONN_DEAD)
         return;
+    c->state = CONN_DEAD; /* first, so that detaching queues nothing more to it */
     if (on_detach)
         on_detach(c, c->close_code ? c->close_code : WS_CLOSE_ABNORMAL, "");
     ev_io_stop(loop, &c->io);
     close(c->io.fd);
     to_unlink(c);
-    c->state = CONN_DEAD;
     open_count--;
     /* Freed at the end of the pass: callers up the stack may still hold the pointer. */
     if (!c->on_flush_list) {

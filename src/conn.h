@@ -54,7 +54,8 @@ struct conn {
     uint8_t close_received;
     uint8_t read_shut;    /* stop reading: slow consumer, shutdown */
     uint8_t is_ws;        /* counted in stats.websockets */
-    uint8_t tls_read_wants_write; /* a TLS read is waiting for the socket to be writable */
+    uint8_t tls_read_wants_write;
+    uint8_t ip_counted;   /* holds a slot in the per-address connection count */ /* a TLS read is waiting for the socket to be writable */
     uint16_t close_code;  /* code to log/report when the connection ends */
     struct route *route;  /* WebSocket route; holds a reference */
     struct ws_parser wp;
@@ -66,6 +67,8 @@ struct conn {
     size_t q_bytes;       /* bytes queued, the figure the send_queue limit applies to */
     struct sub *subs;     /* this connection's subscriptions (linked through the sub) */
     uint32_t nsubs;
+    uint32_t rate_window; /* the second (ev_now) that rate_count counts messages in */
+    uint32_t rate_count;
     int script_ref;       /* the Lua client object, LUA_NOREF when none */
     struct ssl_st *tls;   /* the TLS session on the TLS port; NULL for plain connections */
     struct sockaddr_in6 addr; /* peer, IPv4 addresses mapped */

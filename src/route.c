@@ -270,7 +270,10 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         return;
     }
     if (is_sub) {
-        chan_subscribe(c, channel, (size_t)clen);
+        if (chan_subscribe(c, channel, (size_t)clen) < 0) {
+            reply_error(c, "subscription limit reached for this connection", id);
+            return;
+        }
         reply_begin("subscribed");
     } else if (is_unsub) {
         chan_unsubscribe(c, channel, (size_t)clen);

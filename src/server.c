@@ -55,6 +55,7 @@ static void (*shutdown_done)(void);
 static struct buf out; /* response scratch */
 
 static void on_readable(struct conn *c);
+static void ip_release(struct conn *c);
 
 /* --- responses --------------------------------------------------------------------------------- */
 
@@ -577,6 +578,19 @@ static size_t process_ws(struct conn *c, uint8_t *data, size_t len)
         if (!got)
             break;
         c->awaiting_pong = 0;
+        if ((ev.type == WS_EV_DATA && ev.fin) || ev.type == WS_EV_PING) {
+            /* Messages and pings per second, counted in whole-second windows. */
+            uint32_t now = (uint32_t)ev_now(loop);
+            if (c->rate_window != now) {
+                c->rate_window = now;
+                c->rate_count = 0;
+            }
+            if (++c->rate_count > cfg->message_rate && !c->close_sent) {
+                stats.rate_limited++;
+                conn_ws_close(c, WS_CLOSE_POLICY, "message rate limit exceeded");
+                return len;
+            }
+        }
         switch (ev.type) {
         case WS_EV_DATA:
             ws_message_chunk(c, &ev);
@@ -717,6 +731,8 @@ static void on_detach(struct conn *c, uint16_t code, const char *reason)
 {
     chan_unsubscribe_all(c);
     route_closed(c, code, reason);
+    if (c->state == CONN_DEAD && c->ip_counted)
+        ip_release(c);
     if (c->is_ws) {
         c->is_ws = 0;
         stats.websockets--;
@@ -725,6 +741,60 @@ static void on_detach(struct conn *c, uint16_t code, const char *reason)
 }
 
 /* --- accepting ---------------------------------------------------------------------------------- */
+
+/* Open connections per client address (an IPv6 client by its /64, which one host usually has). */
+struct ip_count {
+    struct ip_count *next;
+    uint8_t key[16];
+    uint32_t count;
+};
+#define IP_BUCKETS 65536
+static struct ip_count **ip_table;
+
+static void ip_key(const struct conn *c, uint8_t key[16])
+{
+    memcpy(key, &c->addr.sin6_addr, 16);
+    if (!IN6_IS_ADDR_V4MAPPED(&c->addr.sin6_addr))
+        memset(key + 8, 0, 8);
+}
+
+/* Count c against its address; 0, or -1 when the address is at its limit. */
+static int ip_acquire(struct conn *c)
+{
+    uint8_t key[16];
+    ip_key(c, key);
+    if (!ip_table)
+        ip_table = xcalloc(IP_BUCKETS, sizeof(*ip_table));
+    struct ip_count **bucket = &ip_table[buf_hash(key, 16) & (IP_BUCKETS - 1)], *e = *bucket;
+    while (e && memcmp(e->key, key, 16) != 0)
+        e = e->next;
+    if (!e) {
+        e = xcalloc(1, sizeof(*e));
+        memcpy(e->key, key, 16);
+        e->next = *bucket;
+        *bucket = e;
+    }
+    if (e->count >= cfg->max_connections_per_ip)
+        return -1;
+    e->count++;
+    c->ip_counted = 1;
+    return 0;
+}
+
+static void ip_release(struct conn *c)
+{
+    uint8_t key[16];
+    ip_key(c, key);
+    struct ip_count **pp = &ip_table[buf_hash(key, 16) & (IP_BUCKETS - 1)];
+    while (*pp && memcmp((*pp)->key, key, 16) != 0)
+        pp = &(*pp)->next;
+    if (*pp && --(*pp)->count == 0) {
+        struct ip_count *e = *pp;
+        *pp = e->next;
+        free(e);
+    }
+    c->ip_counted = 0;
+}
 
 static void refuse(int fd)
 {
@@ -776,6 +846,13 @@ static void on_accept(struct ev_loop *l, ev_io *w, int revents)
         }
         struct conn *c = conn_new(fd, (struct sockaddr *)&addr, alen);
         c->tls = ssl;
+        if (ip_acquire(c) < 0) {
+            static const char busy[] = "HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n"
+                                       "Connection: close\r\nRetry-After: 5\r\n\r\n";
+            stats.connections_refused_per_ip++;
+            conn_queue_copy(c, busy, sizeof(busy) - 1);
+            conn_close_after_write(c);
+        }
     }
 }
 
@@ -900,7 +977,7 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
     }
     spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     stats.started = ev_time();
-    chan_init(cfg->channel_ttl);
+    chan_init(cfg->channel_ttl, cfg->max_subscriptions);
     conn_init(loop, on_readable, on_timeout, on_detach);
     apply_limits();
     static struct stats_section sources = {sources_json, sources_prom, &cfg};
@@ -929,7 +1006,7 @@ void server_reload(struct config *c)
     redis_src_configure(loop, cfg);
     tail_configure(loop, cfg);
     apply_limits();
-    chan_init(cfg->channel_ttl);
+    chan_init(cfg->channel_ttl, cfg->max_subscriptions);
     if (static_set_root(cfg->web_root) < 0)
         log_error("web_root %s: %s", cfg->web_root, strerror(errno));
     if (log_access_open(cfg->access_log) < 0)

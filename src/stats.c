@@ -46,6 +46,11 @@ static size_t collect(struct figure *f)
     FIG("connections_total", COUNTER, "Connections accepted", stats.connections_total);
     FIG("connections_refused", COUNTER, "Connections refused over max_connections",
         stats.connections_refused);
+    FIG("connections_refused_per_ip", COUNTER, "Connections refused over max_connections_per_ip",
+        stats.connections_refused_per_ip);
+    FIG("subscription_limit_hits", COUNTER, "Subscriptions refused over max_subscriptions",
+        stats.subscription_limit_hits);
+    FIG("rate_limited", COUNTER, "WebSockets closed for exceeding message_rate", stats.rate_limited);
     FIG("http_requests", COUNTER, "HTTP requests", stats.http_requests);
     FIG("http_errors", COUNTER, "HTTP requests answered with an error status", stats.http_errors);
     FIG("messages_in", COUNTER, "Messages published", stats.messages_in);

@@ -226,7 +226,7 @@ int main(void)
 {
     loop = ev_default_loop(0);
     conn_init(loop, no_read, no_timeout, detach);
-    chan_init(300);
+    chan_init(300, 1000);
     test_names();
     struct route *raw = route_new(ROUTE_RAW, "/sub/");
     test_fanout(raw);
