@@ -10,10 +10,10 @@
 /* UTF-8: bytes fall into 12 classes, and the state says which bytes may follow. Each multi-byte
  * lead with a narrowed second-byte range (E0, ED, F0, F4) gets its own state, which is what makes
  * overlongs, surrogates and code points above U+10FFFF fail on the very byte that rules them out. */
-#define UTF8_REJECT 8
-#define UTF8_CLASSES 12
+#define WS_UTF8_REJECT 8
+#define WS_UTF8_CLASSES 12
 
-static const uint8_t utf8_class[256] = {
+static const uint8_t ws_utf8_class[256] = {
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 00..0F */
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 10..1F */
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 20..2F */
@@ -32,8 +32,8 @@ static const uint8_t utf8_class[256] = {
     9, 10, 10, 10, 11, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, /* F0..FF: F5 and up exceed U+10FFFF */
 };
 
-#define R UTF8_REJECT
-static const uint8_t utf8_next[(UTF8_REJECT + 1) * UTF8_CLASSES] = {
+#define R WS_UTF8_REJECT
+static const uint8_t ws_utf8_next[(WS_UTF8_REJECT + 1) * WS_UTF8_CLASSES] = {
     /*        asc 80  90  A0  bad C2  E0  E1  ED  F0  F1  F4 */
     /* 0 */   0,  R,  R,  R,  R,  1,  4,  2,  5,  6,  3,  7,
     /* 1 */   R,  0,  0,  0,  R,  R,  R,  R,  R,  R,  R,  R, /* one continuation left */
@@ -47,9 +47,9 @@ static const uint8_t utf8_next[(UTF8_REJECT + 1) * UTF8_CLASSES] = {
 };
 #undef R
 
-static inline uint32_t utf8_step(uint32_t state, uint8_t byte)
+static inline uint32_t ws_utf8_step(uint32_t state, uint8_t byte)
 {
-    return utf8_next[state * UTF8_CLASSES + utf8_class[byte]];
+    return ws_utf8_next[state * WS_UTF8_CLASSES + ws_utf8_class[byte]];
 }
 
 int ws_utf8_feed(uint32_t *state, const uint8_t *p, size_t len)
@@ -57,7 +57,7 @@ int ws_utf8_feed(uint32_t *state, const uint8_t *p, size_t len)
     const uint8_t *end;
     uint32_t s = *state;
 
-    if (s == UTF8_REJECT)
+    if (s == WS_UTF8_REJECT)
         return -1;
     if (len == 0)
         return 0;
@@ -77,8 +77,8 @@ int ws_utf8_feed(uint32_t *state, const uint8_t *p, size_t len)
             if (p == end)
                 break;
         }
-        s = utf8_step(s, *p++);
-        if (s == UTF8_REJECT) {
+        s = ws_utf8_step(s, *p++);
+        if (s == WS_UTF8_REJECT) {
             *state = s;
             return -1;
         }
@@ -404,8 +404,8 @@ size_t ws_close_frame(uint8_t *out, uint16_t code, const char *reason)
          * invalid byte ends it too, since a peer must fail a close with a non-UTF-8 reason. */
         uint32_t s = WS_UTF8_ACCEPT;
         for (size_t i = 0; i < WS_MAX_CONTROL_PAYLOAD - 2 && reason[i]; i++) {
-            s = utf8_step(s, (uint8_t)reason[i]);
-            if (s == UTF8_REJECT)
+            s = ws_utf8_step(s, (uint8_t)reason[i]);
+            if (s == WS_UTF8_REJECT)
                 break;
             if (s == WS_UTF8_ACCEPT)
                 n = i + 1;

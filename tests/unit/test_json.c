@@ -457,7 +457,7 @@ static void test_decode(void)
     CHECK(decodes_to("\"\\ud83d\\ude00\"", "\xf0\x9f\x98\x80", 4));
     CHECK(decodes_to("\"\\uD800\\uDC00\"", "\xf0\x90\x80\x80", 4));
     CHECK(decodes_to("\"\\uDBFF\\uDFFF\"", "\xf4\x8f\xbf\xbf", 4));
-    CHECK(decodes_to("\"caf\xc3\xa9 \xf0\x9f\x98\x80\"", "caf\xc3\xa9 \xf0\x9f\x98\x80", 9));
+    CHECK(decodes_to("\"caf\xc3\xa9 \xf0\x9f\x98\x80\"", "caf\xc3\xa9 \xf0\x9f\x98\x80", 10));
     CHECK(decodes_to("\"a long string with more than eight bytes \\n in it\"",
                      "a long string with more than eight bytes \n in it", 48));
 
@@ -525,7 +525,7 @@ static void test_encode(void)
     CHECK(encodes_to("\n\r\t\b\f", 5, "\"\\n\\r\\t\\b\\f\""));
     CHECK(encodes_to("\x00\x01\x1f\x7f", 4, "\"\\u0000\\u0001\\u001f\x7f\""));
     CHECK(encodes_to("\x0b\x1a", 2, "\"\\u000b\\u001a\""));
-    CHECK(encodes_to("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", 13,
+    CHECK(encodes_to("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", 14,
                      "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\""));
     /* U+2028 and U+2029 are left as they are. */
     CHECK(encodes_to("\xe2\x80\xa8\xe2\x80\xa9", 6, "\"\xe2\x80\xa8\xe2\x80\xa9\""));
