@@ -263,7 +263,7 @@ static void load_limits(struct loader *ld, struct config *cfg)
 
 static void load_routes(struct loader *ld, struct config *cfg)
 {
-    static const char *const keys[] = {"path", "kind", "script", "publish", NULL};
+    static const char *const keys[] = {"path", "kind", "script", "publish", "origins", "auth", NULL};
     lua_State *L = ld->L;
     if (get_global(ld, "routes") == LUA_TNIL) {
         lua_pop(L, 1);
@@ -288,6 +288,10 @@ static void load_routes(struct loader *ld, struct config *cfg)
         const char *script = pop_string(ld, 0);
         get_field(ld, name, "publish");
         int publish = pop_bool(ld, 0);
+        get_field(ld, name, "auth");
+        const char *auth = pop_string(ld, 0);
+        if (auth && strcmp(auth, "token") != 0)
+            fail(ld, "unknown auth \"%s\" (expected \"token\")", auth);
         snprintf(ld->where, sizeof(ld->where), "%s", name);
         enum route_kind k;
         if (script && kind && strcmp(kind, "script") != 0)
@@ -309,6 +313,11 @@ static void load_routes(struct loader *ld, struct config *cfg)
         struct route *r = route_new(k, path);
         cfg->routes[cfg->nroutes++] = r;
         r->publish = publish;
+        r->require_token = auth != NULL;
+        if (auth && !cfg->jwt_secret)
+            fail(ld, "auth = \"token\" needs jwt_secret to be set");
+        get_field(ld, name, "origins");
+        pop_string_list(ld, &r->origins, &r->norigins, 0);
         if (k == ROUTE_RAW && !r->prefix)
             fail(ld, "a raw route's path must end in / (the rest of the path names the channel)");
         if (k == ROUTE_SCRIPT) {
@@ -466,7 +475,7 @@ static void load_history(struct loader *ld, struct config *cfg)
 /* Globals a configuration may set; anything else is most likely a typo. */
 static const char *const known_globals[] = {
     "listen", "web_root", "access_log", "publish_token", "limits", "routes", "redis", "tail", "tls",
-    "history", "log_level", NULL};
+    "history", "log_level", "jwt_secret", NULL};
 
 static void check_globals(struct loader *ld)
 {
@@ -486,8 +495,8 @@ static void check_globals(struct loader *ld)
         lua_pop(L, 1);
         if (!known && !is_function) { /* helper functions are fine */
             get_global(ld, name);
-            fail(ld, "unknown setting (known: listen, web_root, access_log, publish_token, limits, "
-                     "routes, redis, tail, tls, history, log_level)");
+            fail(ld, "unknown setting (known: listen, web_root, access_log, publish_token, jwt_secret, "
+                     "limits, routes, redis, tail, tls, history, log_level)");
         }
     }
     lua_pop(L, 1);
@@ -509,6 +518,10 @@ static void load_all(struct loader *ld, struct config *cfg)
     cfg->access_log = resolve(cfg, pop_string(ld, 0));
     get_global(ld, "publish_token");
     cfg->publish_token = dup_or_null(pop_string(ld, 0));
+    get_global(ld, "jwt_secret");
+    cfg->jwt_secret = dup_or_null(pop_string(ld, 0));
+    if (cfg->jwt_secret && strlen(cfg->jwt_secret) < 16)
+        fail(ld, "must be at least 16 bytes long");
     if (cfg->publish_token && !cfg->publish_token[0])
         fail(ld, "must not be empty (use nil for no token)");
     get_global(ld, "log_level");
@@ -598,6 +611,7 @@ void config_free(struct config *cfg)
     free(cfg->web_root);
     free(cfg->access_log);
     free(cfg->publish_token);
+    free(cfg->jwt_secret);
     free(cfg->log_level);
     for (size_t i = 0; i < cfg->nroutes; i++)
         route_unref(cfg->routes[i]);

@@ -54,6 +54,7 @@ struct config {
     char *web_root;      /* absolute or relative to the working directory; NULL: none */
     char *access_log;
     char *publish_token;
+    char *jwt_secret;    /* HS256 secret for signed tokens; NULL: tokens are not accepted */
     char *log_level;
     size_t max_message;
     size_t send_queue;

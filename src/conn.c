@@ -1,6 +1,7 @@
 /* conn.c - connection life: send queues of shared blocks, batched writev, timeouts, orderly close. */
 #include "conn.h"
 
+#include "auth.h"
 #include "log.h"
 #include "route.h"
 #include "stats.h"
@@ -405,6 +406,7 @@ static void free_conn(struct conn *c)
     }
     free(c->req);
     route_unref(c->route);
+    auth_free(c->grants);
     if (c->tls)
         tls_free(c->tls);
     free(c);

@@ -21,6 +21,7 @@ struct route;
 struct sub;
 struct http_req_state;
 struct ssl_st;
+struct auth_grants;
 
 enum conn_state {
     CONN_HTTP,     /* reading HTTP requests */
@@ -70,6 +71,7 @@ struct conn {
     uint32_t rate_window; /* the second (ev_now) that rate_count counts messages in */
     uint32_t rate_count;
     int script_ref;       /* the Lua client object, LUA_NOREF when none */
+    struct auth_grants *grants; /* from a signed token; NULL when none was given */
     struct ssl_st *tls;   /* the TLS session on the TLS port; NULL for plain connections */
     struct sockaddr_in6 addr; /* peer, IPv4 addresses mapped */
 };

@@ -4,6 +4,7 @@
 #include "channel.h"
 #include "conn.h"
 #include "http.h"
+#include "auth.h"
 #include "json.h"
 #include "log.h"
 #include "script.h"
@@ -40,6 +41,9 @@ void route_unref(struct route *r)
         return;
     if (r->kind == ROUTE_SCRIPT)
         script_unload(r);
+    for (size_t i = 0; i < r->norigins; i++)
+        free(r->origins[i]);
+    free(r->origins);
     free(r->path);
     free(r->script);
     free(r);
@@ -83,9 +87,34 @@ static int each_channel(const char *list, size_t len, int (*fn)(const char *, si
     return 0;
 }
 
+int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len)
+{
+    if (!r->require_token || auth_allows(c->grants, (enum auth_action)action, channel, len))
+        return 1;
+    stats.auth_refused++;
+    return 0;
+}
+
+struct check_ctx {
+    struct route *r;
+    struct conn *c;
+    const char **why;
+    int status;
+};
+
 static int check_name(const char *name, size_t len, void *arg)
 {
-    return chan_name_valid(name, len, (const char **)arg) ? 0 : 1;
+    struct check_ctx *ctx = arg;
+    if (!chan_name_valid(name, len, ctx->why)) {
+        ctx->status = 400;
+        return 1;
+    }
+    if (!route_allows(ctx->r, ctx->c, AUTH_SUBSCRIBE, name, len)) {
+        *ctx->why = "the token does not grant this channel";
+        ctx->status = 403;
+        return 1;
+    }
+    return 0;
 }
 
 static int subscribe_name(const char *name, size_t len, void *arg)
@@ -111,16 +140,26 @@ int route_accept(struct route *r, struct conn *c, const struct http_request *req
     size_t query_len = req->query_len;
     if (r->kind == ROUTE_SCRIPT)
         return script_accept(r, c, req, path, path_len, why);
-    if (r->kind == ROUTE_RAW)
-        return chan_name_valid(path + r->path_len, path_len - r->path_len, why) ? 0 : 400;
+    if (r->kind == ROUTE_RAW) {
+        const char *name = path + r->path_len;
+        size_t len = path_len - r->path_len;
+        if (!chan_name_valid(name, len, why))
+            return 400;
+        if (!route_allows(r, c, AUTH_SUBSCRIBE, name, len)) {
+            *why = "the token does not grant this channel";
+            return 403;
+        }
+        return 0;
+    }
     if (r->kind == ROUTE_PUBSUB) {
         ssize_t n = query_channels(query, query_len);
         if (n == -2) {
             *why = "malformed subscribe parameter";
             return 400;
         }
-        if (n >= 0 && each_channel(scratch.data, (size_t)n, check_name, (void *)why))
-            return 400;
+        struct check_ctx ctx = {r, c, why, 0};
+        if (n >= 0 && each_channel(scratch.data, (size_t)n, check_name, &ctx))
+            return ctx.status;
     }
     return 0;
 }
@@ -157,6 +196,14 @@ int route_adopt(struct route **routes, size_t n, struct route *const *old, size_
             if (o->kind != r->kind || strcmp(o->path, r->path) != 0)
                 continue;
             o->publish = r->publish;
+            o->require_token = r->require_token;
+            for (size_t k = 0; k < o->norigins; k++)
+                free(o->origins[k]);
+            free(o->origins);
+            o->origins = r->origins;
+            o->norigins = r->norigins;
+            r->origins = NULL;
+            r->norigins = 0;
             if (r->script) {
                 free(o->script);
                 o->script = xstrdup(r->script);
@@ -269,6 +316,11 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         reply_error(c, error, id);
         return;
     }
+    if (!route_allows(c->route, c, is_pub ? AUTH_PUBLISH : AUTH_SUBSCRIBE, channel, (size_t)clen) && !is_unsub) {
+        reply_error(c, is_pub ? "not allowed to publish to this channel"
+                              : "not allowed to subscribe to this channel", id);
+        return;
+    }
     if (is_sub) {
         if (chan_subscribe(c, channel, (size_t)clen) < 0) {
             reply_error(c, "subscription limit reached for this connection", id);
@@ -318,6 +370,10 @@ void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
             const char *name = chan_first_name(c, &name_len);
             struct chan_msg m = {.channel = name, .channel_len = name_len, .data = (const char *)data,
                                  .len = len, .utf8 = (int8_t)!binary, .json = -1};
+            if (name && !route_allows(r, c, AUTH_PUBLISH, name, name_len)) {
+                conn_ws_close(c, WS_CLOSE_POLICY, "not allowed to publish to this channel");
+                break;
+            }
             if (name)
                 chan_publish(&m, NULL);
         }

@@ -24,6 +24,9 @@ struct route {
     size_t path_len;
     int prefix;          /* path ends in '/': the rest of the request path is a channel */
     int publish;         /* raw routes: client messages are published to the channel */
+    int require_token;   /* clients need a signed token granting the channels they use */
+    char **origins;      /* allowed Origin values; NULL: any */
+    size_t norigins;
     char *script;        /* script routes: the script's path */
     void *script_state;  /* script routes: the Lua state (script.c) */
     uint64_t messages;   /* messages received from clients on this route */
@@ -48,6 +51,10 @@ int route_open(struct route *r, struct conn *c, const char *path, size_t path_le
  * or an HTTP status (400, 403) with *why set. */
 int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
                  size_t path_len, const char **why);
+
+/* 1 if c may do action (enum auth_action) on channel through route r: always on routes without
+ * auth = "token"; otherwise as its token grants. A refusal is counted. */
+int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len);
 
 /* c is closing: a script route runs its close hook (once). */
 void route_closed(struct conn *c, uint16_t code, const char *reason);

@@ -1,6 +1,7 @@
 /* server.c - accepting connections, serving HTTP requests, upgrading to WebSocket, reading frames. */
 #include "server.h"
 
+#include "auth.h"
 #include "buf.h"
 #include "channel.h"
 #include "config.h"
@@ -323,15 +324,44 @@ static ssize_t feed_body(struct conn *c, char *data, size_t len)
     return (ssize_t)len;
 }
 
-static int token_ok(const struct http_request *req)
+/* The token a request carries: "Authorization: Bearer <token>", else ?token= (decoded into buf,
+ * which has room for cap bytes). NULL when none. */
+static const char *request_token(const struct http_request *req, char *buf, size_t cap, size_t *len)
+{
+    const char *auth = http_header_get(req, "authorization", len);
+    if (auth && *len > 7 && strncasecmp(auth, "Bearer ", 7) == 0) {
+        *len -= 7;
+        return auth + 7;
+    }
+    ssize_t n = req->query ? http_query_get(req->query, req->query_len, "token", buf, cap) : -1;
+    if (n < 0)
+        return NULL;
+    *len = (size_t)n;
+    return buf;
+}
+
+/* May this request publish to channel? With a publish token configured, the request must carry
+ * it, or a signed token granting the channel. */
+static int publish_allowed(const struct http_request *req, const char *channel, size_t channel_len)
 {
     if (!cfg->publish_token)
         return 1;
+    char buf[1024];
     size_t len;
-    const char *auth = http_header_get(req, "authorization", &len);
+    const char *token = request_token(req, buf, sizeof(buf), &len);
     size_t tlen = strlen(cfg->publish_token);
-    return auth && len == tlen + 7 && strncasecmp(auth, "Bearer ", 7) == 0 &&
-           CRYPTO_memcmp(auth + 7, cfg->publish_token, tlen) == 0;
+    if (token && len == tlen && CRYPTO_memcmp(token, cfg->publish_token, tlen) == 0)
+        return 1;
+    if (token && cfg->jwt_secret) {
+        const char *why;
+        struct auth_grants *g = auth_verify(token, len, cfg->jwt_secret, ev_now(loop), &why);
+        int ok = auth_allows(g, AUTH_PUBLISH, channel, channel_len);
+        auth_free(g);
+        if (ok)
+            return 1;
+    }
+    stats.auth_refused++;
+    return 0;
 }
 
 static void handle_publish(struct conn *c, const struct reply_ctx *rc, const struct http_request *req,
@@ -342,12 +372,12 @@ static void handle_publish(struct conn *c, const struct reply_ctx *rc, const str
         respond_text(c, rc, 405, "publish with POST", "Allow: POST\r\n");
         return;
     }
-    if (!token_ok(req)) {
-        respond_json_error(c, rc, 401, "a valid \"Authorization: Bearer <token>\" header is required");
-        return;
-    }
     if (!chan_name_valid(channel, channel_len, &why)) {
         respond_json_error(c, rc, 400, why);
+        return;
+    }
+    if (!publish_allowed(req, channel, channel_len)) {
+        respond_json_error(c, rc, 401, "a valid \"Authorization: Bearer <token>\" header is required");
         return;
     }
     if (!req->chunked && req->content_length < 0) {
@@ -417,13 +447,43 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
                      "Sec-WebSocket-Version: 13\r\n");
         return;
     }
-    const char *key = http_header_get(req, "sec-websocket-key", &len);
-    if (!key || !ws_key_valid(key, len)) {
+    size_t key_len;
+    const char *key = http_header_get(req, "sec-websocket-key", &key_len);
+    if (!key || !ws_key_valid(key, key_len)) {
         respond_text(c, rc, 400, "missing or invalid Sec-WebSocket-Key", NULL);
         return;
     }
     if (req->content_length > 0 || req->chunked) {
         respond_text(c, rc, 400, "a WebSocket handshake has no body", NULL);
+        return;
+    }
+    size_t origin_len;
+    const char *origin = http_header_get(req, "origin", &origin_len);
+    if (origin && r->norigins) {
+        size_t i = 0;
+        while (i < r->norigins && !(strlen(r->origins[i]) == origin_len &&
+                                    strncasecmp(r->origins[i], origin, origin_len) == 0))
+            i++;
+        if (i == r->norigins) {
+            stats.auth_refused++;
+            respond_text(c, rc, 403, "this origin may not open this route", NULL);
+            return;
+        }
+    }
+    char token_buf[1024];
+    size_t token_len;
+    const char *token = cfg->jwt_secret ? request_token(req, token_buf, sizeof(token_buf), &token_len) : NULL;
+    if (token) {
+        const char *why = NULL;
+        c->grants = auth_verify(token, token_len, cfg->jwt_secret, ev_now(loop), &why);
+        if (!c->grants) {
+            stats.auth_refused++;
+            respond_text(c, rc, 401, why, NULL);
+            return;
+        }
+    } else if (r->require_token) {
+        stats.auth_refused++;
+        respond_text(c, rc, 401, "a signed token is required (?token= or Authorization: Bearer)", NULL);
         return;
     }
     const char *why = NULL;
@@ -433,7 +493,7 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         return;
     }
     char accept[29];
-    ws_accept_key(key, len, accept);
+    ws_accept_key(key, key_len, accept);
     out.len = 0;
     buf_printf(&out,
                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -50,6 +50,7 @@ static size_t collect(struct figure *f)
         stats.connections_refused_per_ip);
     FIG("subscription_limit_hits", COUNTER, "Subscriptions refused over max_subscriptions",
         stats.subscription_limit_hits);
+    FIG("auth_refused", COUNTER, "Requests refused by origin, token or grant checks", stats.auth_refused);
     FIG("rate_limited", COUNTER, "WebSockets closed for exceeding message_rate", stats.rate_limited);
     FIG("http_requests", COUNTER, "HTTP requests", stats.http_requests);
     FIG("http_errors", COUNTER, "HTTP requests answered with an error status", stats.http_errors);

@@ -13,6 +13,7 @@ struct stats {
     uint64_t connections_refused;   /* over max_connections */
     uint64_t connections_refused_per_ip; /* over max_connections_per_ip */
     uint64_t subscription_limit_hits;    /* subscribes refused over max_subscriptions */
+    uint64_t auth_refused;          /* handshakes, operations and publishes refused for access */
     uint64_t rate_limited;          /* connections closed over message_rate */
     uint64_t websockets;            /* open WebSocket connections now */
     uint64_t http_requests;

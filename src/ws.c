@@ -9,9 +9,12 @@
 
 /* UTF-8: bytes fall into 12 classes, and the state says which bytes may follow. Each multi-byte
  * lead with a narrowed second-byte range (E0, ED, F0, F4) gets its own state, which is what makes
- * overlongs, surrogates and code points above U+10FFFF fail on the very byte that rules them out. */
-#define WS_UTF8_REJECT 8
-#define WS_UTF8_CLASSES 12
+ * overlongs, surrogates and code points above U+10FFFF fail on the very byte that rules them out.
+ *
+ * The 9 states are kept as bit offsets (state * 6) into one 64-bit row per class, the row holding
+ * every state's successor: a step is then a shift and a mask, and the table loads, which depend only
+ * on the input byte, stay off the chain of dependent instructions from one byte to the next. */
+#define WS_UTF8_REJECT (8 * 6)
 
 static const uint8_t ws_utf8_class[256] = {
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 00..0F */
@@ -32,24 +35,34 @@ static const uint8_t ws_utf8_class[256] = {
     9, 10, 10, 10, 11, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, /* F0..FF: F5 and up exceed U+10FFFF */
 };
 
-#define R WS_UTF8_REJECT
-static const uint8_t ws_utf8_next[(WS_UTF8_REJECT + 1) * WS_UTF8_CLASSES] = {
-    /*        asc 80  90  A0  bad C2  E0  E1  ED  F0  F1  F4 */
-    /* 0 */   0,  R,  R,  R,  R,  1,  4,  2,  5,  6,  3,  7,
-    /* 1 */   R,  0,  0,  0,  R,  R,  R,  R,  R,  R,  R,  R, /* one continuation left */
-    /* 2 */   R,  1,  1,  1,  R,  R,  R,  R,  R,  R,  R,  R, /* two left */
-    /* 3 */   R,  2,  2,  2,  R,  R,  R,  R,  R,  R,  R,  R, /* three left */
-    /* 4 */   R,  R,  R,  1,  R,  R,  R,  R,  R,  R,  R,  R, /* after E0: 80..9F would be overlong */
-    /* 5 */   R,  1,  1,  R,  R,  R,  R,  R,  R,  R,  R,  R, /* after ED: A0..BF are surrogates */
-    /* 6 */   R,  R,  2,  2,  R,  R,  R,  R,  R,  R,  R,  R, /* after F0: 80..8F would be overlong */
-    /* 7 */   R,  2,  R,  R,  R,  R,  R,  R,  R,  R,  R,  R, /* after F4: 90..BF pass U+10FFFF */
-    /* 8 */   R,  R,  R,  R,  R,  R,  R,  R,  R,  R,  R,  R,
+/* States: 0 accept; 1, 2, 3 continuation bytes left; 4 after E0 (80..9F would be overlong);
+ * 5 after ED (A0..BF are surrogates); 6 after F0 (80..8F would be overlong); 7 after F4 (90..BF
+ * pass U+10FFFF); 8 reject. Each row lists the successor of states 0..8 for one class. */
+#define S(state, next) ((uint64_t)(next) * 6 << (state) * 6)
+#define ROW(n0, n1, n2, n3, n4, n5, n6, n7)                                                        \
+    (S(0, n0) | S(1, n1) | S(2, n2) | S(3, n3) | S(4, n4) | S(5, n5) | S(6, n6) | S(7, n7) | S(8, 8))
+#define X 8
+static const uint64_t ws_utf8_row[12] = {
+    ROW(0, X, X, X, X, X, X, X), /* 00..7F */
+    ROW(X, 0, 1, 2, X, 1, X, 2), /* 80..8F */
+    ROW(X, 0, 1, 2, X, 1, 2, X), /* 90..9F */
+    ROW(X, 0, 1, 2, 1, X, 2, X), /* A0..BF */
+    ROW(X, X, X, X, X, X, X, X), /* C0, C1, F5..FF */
+    ROW(1, X, X, X, X, X, X, X), /* C2..DF */
+    ROW(4, X, X, X, X, X, X, X), /* E0 */
+    ROW(2, X, X, X, X, X, X, X), /* E1..EC, EE, EF */
+    ROW(5, X, X, X, X, X, X, X), /* ED */
+    ROW(6, X, X, X, X, X, X, X), /* F0 */
+    ROW(3, X, X, X, X, X, X, X), /* F1..F3 */
+    ROW(7, X, X, X, X, X, X, X), /* F4 */
 };
-#undef R
+#undef X
+#undef ROW
+#undef S
 
 static inline uint32_t ws_utf8_step(uint32_t state, uint8_t byte)
 {
-    return ws_utf8_next[state * WS_UTF8_CLASSES + ws_utf8_class[byte]];
+    return (uint32_t)(ws_utf8_row[ws_utf8_class[byte]] >> state) & 63;
 }
 
 int ws_utf8_feed(uint32_t *state, const uint8_t *p, size_t len)
