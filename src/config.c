@@ -337,7 +337,8 @@ static void load_routes(struct loader *ld, struct config *cfg)
 static void load_redis(struct loader *ld, struct config *cfg)
 {
     static const char *const keys[] = {"host", "port", "socket", "password", "db", "channels",
-                                       "patterns", "mirror", NULL};
+                                       "patterns", "mirror", "reconnect_min", "reconnect_max",
+                                       "connect_timeout", NULL};
     if (get_global(ld, "redis") == LUA_TNIL) {
         lua_pop(ld->L, 1);
         return;
@@ -362,12 +363,20 @@ static void load_redis(struct loader *ld, struct config *cfg)
     pop_string_list(ld, &r->patterns, &r->npatterns, 0);
     get_field(ld, "redis", "mirror");
     r->mirror = pop_bool(ld, 0);
+    get_field(ld, "redis", "reconnect_min");
+    r->reconnect_min = pop_number(ld, 0.1, 0.01, 3600, 0);
+    get_field(ld, "redis", "reconnect_max");
+    r->reconnect_max = pop_number(ld, 5, 0.01, 3600, 0);
+    if (r->reconnect_max < r->reconnect_min)
+        fail(ld, "must not be less than reconnect_min (%g)", r->reconnect_min);
+    get_field(ld, "redis", "connect_timeout");
+    r->connect_timeout = pop_number(ld, 5, 0.1, 3600, 0);
     lua_pop(ld->L, 1);
 }
 
 static void load_tail(struct loader *ld, struct config *cfg)
 {
-    static const char *const keys[] = {"path", "channel", "from_start", NULL};
+    static const char *const keys[] = {"path", "channel", "from_start", "poll", NULL};
     lua_State *L = ld->L;
     if (get_global(ld, "tail") == LUA_TNIL) {
         lua_pop(L, 1);
@@ -395,6 +404,8 @@ static void load_tail(struct loader *ld, struct config *cfg)
         t->channel = xstrdup(channel);
         get_field(ld, name, "from_start");
         t->from_start = pop_bool(ld, 0);
+        get_field(ld, name, "poll");
+        t->poll = pop_number(ld, 1, 0.05, 3600, 0);
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
@@ -560,6 +571,45 @@ static void set_defaults(struct config *cfg, const char *file)
     cfg->channel_ttl = 300;
 }
 
+/* Lua cuts chunk names to 60 characters in its messages, so the file is loaded under a short
+ * name that is then replaced with the full path. */
+#define CHUNK_NAME "CONFIG"
+
+static void lua_message(const char *file, const char *msg, char *err, size_t errlen)
+{
+    if (!msg)
+        msg = "error";
+    if (strncmp(msg, CHUNK_NAME ":", sizeof(CHUNK_NAME)) == 0)
+        snprintf(err, errlen, "%s:%s", file, msg + sizeof(CHUNK_NAME));
+    else
+        snprintf(err, errlen, "%s: %s", file, msg);
+}
+
+/* The whole file in new memory (NUL-terminated), or NULL with errno set. */
+static char *read_file(const char *file, size_t *len)
+{
+    FILE *f = fopen(file, "rb");
+    if (!f)
+        return NULL;
+    struct buf b = {0};
+    size_t n;
+    do {
+        char *p = buf_reserve(&b, 65536);
+        n = fread(p, 1, 65536, f);
+        b.len += n;
+    } while (n > 0);
+    int failed = ferror(f);
+    fclose(f);
+    if (failed) {
+        buf_free(&b);
+        errno = EIO;
+        return NULL;
+    }
+    buf_append(&b, "", 1);
+    *len = b.len - 1;
+    return b.data;
+}
+
 int config_load(const char *file, struct config *cfg, char *err, size_t errlen)
 {
     set_defaults(cfg, file);
@@ -572,10 +622,17 @@ int config_load(const char *file, struct config *cfg, char *err, size_t errlen)
     luaL_openlibs(L);
     lua_newtable(L);
     lua_setfield(L, LUA_REGISTRYINDEX, LINES_KEY);
-    if (luaL_loadfilex(L, file, "t") != LUA_OK) {
-        const char *msg = lua_tostring(L, -1);
-        /* Lua says "cannot open FILE" for a missing file and "FILE:LINE: ..." for syntax. */
-        snprintf(err, errlen, "%s", msg ? msg : "cannot load");
+    size_t len;
+    char *text = read_file(file, &len);
+    if (!text) {
+        snprintf(err, errlen, "cannot read configuration %s: %s", file, strerror(errno));
+        lua_close(L);
+        return -1;
+    }
+    int loaded = luaL_loadbufferx(L, text, len, "=" CHUNK_NAME, "t");
+    free(text);
+    if (loaded != LUA_OK) {
+        lua_message(file, lua_tostring(L, -1), err, errlen);
         lua_close(L);
         return -1;
     }
@@ -586,7 +643,7 @@ int config_load(const char *file, struct config *cfg, char *err, size_t errlen)
     lua_setmetatable(L, -2);
     lua_pop(L, 1);
     if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
-        snprintf(err, errlen, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "error");
+        lua_message(file, lua_tostring(L, -1), err, errlen);
         lua_close(L);
         return -1;
     }

@@ -19,12 +19,16 @@ struct config_redis {
     char **patterns;
     size_t npatterns;
     int mirror;
+    double reconnect_min;   /* seconds before the first reconnection attempt */
+    double reconnect_max;   /* the cap of the exponential backoff */
+    double connect_timeout; /* a connection not ready by then is dropped and retried */
 };
 
 struct config_tail {
     char *path;
     char *channel;
     int from_start;
+    double poll;      /* seconds between checks of the file besides inotify's events */
 };
 
 struct config_tls_cert {

@@ -61,7 +61,21 @@ void conn_init(struct ev_loop *l, void (*read_cb)(struct conn *c), void (*timeou
     ev_unref(loop); /* the sweep alone must not keep the loop running */
 }
 
-void conn_set_limits(const struct conn_limits *l) { limits = *l; }
+void conn_set_limits(const struct conn_limits *l)
+{
+    limits = *l;
+    /* Sweep often enough that the shortest timeout is kept to within a quarter of itself. */
+    double period = 1.0;
+    for (int i = 0; i < CONN_TO_COUNT; i++)
+        if (limits.timeout[i] / 4 < period)
+            period = limits.timeout[i] / 4;
+    if (period < 0.025)
+        period = 0.025;
+    if (loop) {
+        sweep_timer.repeat = period;
+        ev_timer_again(loop, &sweep_timer);
+    }
+}
 const struct conn_limits *conn_get_limits(void) { return &limits; }
 size_t conn_count(void) { return open_count; }
 
@@ -294,7 +308,7 @@ void conn_close_now(struct conn *c)
 static void set_write_interest(struct conn *c, int want)
 {
     want |= c->tls_read_wants_write;
-    int events = EV_READ | (want ? EV_WRITE : 0);
+    int events = (c->read_paused ? 0 : EV_READ) | (want ? EV_WRITE : 0);
     if (c->read_shut && c->state != CONN_LINGER && c->state != CONN_CLOSING)
         events &= ~EV_READ;
     if (c->io.events == events)
@@ -302,6 +316,12 @@ static void set_write_interest(struct conn *c, int want)
     ev_io_stop(loop, &c->io);
     ev_io_set(&c->io, c->io.fd, events);
     ev_io_start(loop, &c->io);
+}
+
+void conn_pause_reading(struct conn *c)
+{
+    c->read_paused = 1;
+    set_write_interest(c, 1);
 }
 
 void conn_wait_writable(struct conn *c)
@@ -316,6 +336,11 @@ static void drained(struct conn *c)
     free(c->q);
     c->q = NULL;
     c->q_cap = c->q_head = 0;
+    if (c->read_paused) {
+        /* Resume the requests that were waiting; on_read serves what is pending. */
+        c->read_paused = 0;
+        ev_feed_event(loop, &c->io, EV_READ);
+    }
     set_write_interest(c, 0);
     if (c->state == CONN_CLOSING && (c->close_received || c->wp.failed || c->read_shut)) {
         /* Shut our side down and read until the peer's EOF, so that our close frame or error
@@ -481,7 +506,8 @@ static void sweep_cb(struct ev_loop *l, ev_timer *w, int revents)
         struct conn *c;
         while ((c = to_lists[cls].head) && c->last_active + limits.timeout[cls] <= now) {
             on_timeout(c);
-            if (to_lists[cls].head == c) /* the handler neither renewed nor closed it */
+            /* The handler renews (touches) or closes; if it did neither, close. */
+            if (c->state != CONN_DEAD && to_lists[cls].head == c && c->last_active + limits.timeout[cls] <= now)
                 conn_close_now(c);
         }
     }

@@ -56,7 +56,8 @@ struct conn {
     uint8_t read_shut;    /* stop reading: slow consumer, shutdown */
     uint8_t is_ws;        /* counted in stats.websockets */
     uint8_t tls_read_wants_write;
-    uint8_t ip_counted;   /* holds a slot in the per-address connection count */ /* a TLS read is waiting for the socket to be writable */
+    uint8_t ip_counted;
+    uint8_t read_paused;  /* pipelined requests wait until the answers so far are written */   /* holds a slot in the per-address connection count */ /* a TLS read is waiting for the socket to be writable */
     uint16_t close_code;  /* code to log/report when the connection ends */
     struct route *route;  /* WebSocket route; holds a reference */
     struct ws_parser wp;
@@ -116,6 +117,8 @@ void conn_close_now(struct conn *c);
 
 /* Make sure c's queue is written this pass, and keep write interest on while data is waiting. */
 void conn_schedule_flush(struct conn *c);
+/* Stop reading until the send queue is empty (then the read callback is called again). */
+void conn_pause_reading(struct conn *c);
 /* A TLS read needs the socket writable before it can go on. */
 void conn_wait_writable(struct conn *c);
 

@@ -80,7 +80,8 @@ int http_parse_request(const char *buf, size_t len, const struct http_limits *li
 {
     const unsigned char *p = (const unsigned char *)buf;
     size_t max_head = limits->max_head < INT_MAX ? limits->max_head : INT_MAX;
-    size_t max_headers = limits->max_headers < HTTP_MAX_HEADERS ? limits->max_headers : HTTP_MAX_HEADERS;
+    size_t max_headers =
+        limits->max_headers < HTTP_MAX_HEADERS ? limits->max_headers : HTTP_MAX_HEADERS;
     size_t end = len < max_head ? len : max_head; /* never look at or past this */
     size_t i = 0, start;
     int more_err; /* what running out of room at max_head means at this point */
@@ -311,7 +312,7 @@ int http_has_token(const char *value, size_t len, const char *token)
     return 0;
 }
 
-/* Chunked decoder states: one per position in the RFC 9112 7.1 grammar, so that input split at any
+/* Chunked decoder positions: one per place in the RFC 9112 7.1 grammar, so that input split at any
  * byte decodes exactly as input in one piece. */
 enum {
     HTTP_CH_SIZE_START,    /* first hex digit of chunk-size */
@@ -331,29 +332,49 @@ enum {
     HTTP_CH_ERROR,
 };
 
+/* Bytes that carry no body are bounded too: a caller limits the decoded body, and without these a
+ * peer could keep a request open forever with endless extensions, trailers or leading zeros
+ * (the attack of CVE-2024-22019 on Node.js). Real clients send none of them. */
+#define HTTP_CHUNKED_MAX_DIGITS 16   /* hex digits in one chunk-size, leading zeros included */
+#define HTTP_CHUNKED_MAX_META 16384  /* bytes of extensions and trailers in the whole body */
+
+/* c->state packs the grammar position (low 4 bits), the current chunk-size's digit count (next 5
+ * bits) and the extension and trailer bytes so far (the rest), keeping struct http_chunked as the
+ * header declares it. */
+#define HTTP_CH_PACK(pos, digits, meta) ((int)((unsigned)(pos) | (digits) << 4 | (meta) << 9))
+
+static int http_ch_is_meta(int pos)
+{
+    return pos == HTTP_CH_SIZE_WS || pos == HTTP_CH_EXT || pos == HTTP_CH_TRAILER_NAME ||
+           pos == HTTP_CH_TRAILER_VALUE || pos == HTTP_CH_TRAILER_LF;
+}
+
 void http_chunked_init(struct http_chunked *c)
 {
     c->chunk_left = 0;
-    c->state = HTTP_CH_SIZE_START;
+    c->state = HTTP_CH_PACK(HTTP_CH_SIZE_START, 0u, 0u);
     c->total = 0;
 }
 
 int http_chunked_decode(struct http_chunked *c, char *buf, size_t *len, size_t *rest)
 {
     size_t in = 0, out = 0, n = *len;
+    int pos = c->state & 0xf;
+    unsigned digits = ((unsigned)c->state >> 4) & 0x1f, meta = (unsigned)c->state >> 9;
+    int r = 0;
 
     *rest = 0;
-    if (c->state == HTTP_CH_ERROR) {
+    if (pos == HTTP_CH_ERROR) {
         *len = 0;
         return -1;
     }
-    if (c->state == HTTP_CH_DONE) { /* the body ended in an earlier call: all of this is after it */
+    if (pos == HTTP_CH_DONE) { /* the body ended in an earlier call: all of this is after it */
         *len = 0;
         *rest = n;
         return 1;
     }
     while (in < n) {
-        if (c->state == HTTP_CH_DATA) {
+        if (pos == HTTP_CH_DATA) {
             size_t take = n - in;
             if (take > c->chunk_left)
                 take = (size_t)c->chunk_left;
@@ -363,104 +384,112 @@ int http_chunked_decode(struct http_chunked *c, char *buf, size_t *len, size_t *
             c->chunk_left -= take;
             c->total += take;
             if (c->chunk_left == 0)
-                c->state = HTTP_CH_DATA_CR;
+                pos = HTTP_CH_DATA_CR;
             continue;
         }
 
         unsigned char ch = (unsigned char)buf[in++];
-        int d;
-        switch (c->state) {
+        int d, was = pos;
+        switch (pos) {
         case HTTP_CH_SIZE_START:
         case HTTP_CH_SIZE:
             if ((d = http_hex(ch)) >= 0) {
-                if (c->chunk_left > (HTTP_MAX_LENGTH - (uint64_t)d) / 16)
+                if (++digits > HTTP_CHUNKED_MAX_DIGITS ||
+                    c->chunk_left > (HTTP_MAX_LENGTH - (uint64_t)d) / 16)
                     goto bad;
                 c->chunk_left = c->chunk_left * 16 + (uint64_t)d;
-                c->state = HTTP_CH_SIZE;
-            } else if (c->state == HTTP_CH_SIZE_START) {
+                pos = HTTP_CH_SIZE;
+            } else if (pos == HTTP_CH_SIZE_START) {
                 goto bad; /* an empty chunk-size */
             } else if (ch == '\r') {
-                c->state = HTTP_CH_SIZE_LF;
+                pos = HTTP_CH_SIZE_LF;
             } else if (ch == ';') {
-                c->state = HTTP_CH_EXT;
+                pos = HTTP_CH_EXT;
             } else if (ch == ' ' || ch == '\t') {
-                c->state = HTTP_CH_SIZE_WS;
+                pos = HTTP_CH_SIZE_WS;
             } else {
                 goto bad;
             }
             break;
         case HTTP_CH_SIZE_WS: /* whitespace is only allowed ahead of an extension */
             if (ch == ';')
-                c->state = HTTP_CH_EXT;
+                pos = HTTP_CH_EXT;
             else if (ch != ' ' && ch != '\t')
                 goto bad;
             break;
         case HTTP_CH_EXT:
             if (ch == '\r')
-                c->state = HTTP_CH_SIZE_LF;
+                pos = HTTP_CH_SIZE_LF;
             else if (!http_is_value_char(ch))
                 goto bad;
             break;
         case HTTP_CH_SIZE_LF:
             if (ch != '\n')
                 goto bad;
-            c->state = c->chunk_left ? HTTP_CH_DATA : HTTP_CH_TRAILER_START;
+            digits = 0;
+            pos = c->chunk_left ? HTTP_CH_DATA : HTTP_CH_TRAILER_START;
             break;
         case HTTP_CH_DATA_CR:
             if (ch != '\r')
                 goto bad;
-            c->state = HTTP_CH_DATA_LF;
+            pos = HTTP_CH_DATA_LF;
             break;
         case HTTP_CH_DATA_LF:
             if (ch != '\n')
                 goto bad;
-            c->state = HTTP_CH_SIZE_START;
+            pos = HTTP_CH_SIZE_START;
             break;
         case HTTP_CH_TRAILER_START:
-            if (ch == '\r')
-                c->state = HTTP_CH_END_LF;
-            else if (http_is_tchar(ch))
-                c->state = HTTP_CH_TRAILER_NAME;
-            else
+            if (ch == '\r') {
+                pos = HTTP_CH_END_LF;
+            } else if (http_is_tchar(ch)) {
+                pos = HTTP_CH_TRAILER_NAME;
+            } else {
                 goto bad; /* obs-fold, bare LF, junk */
+            }
             break;
         case HTTP_CH_TRAILER_NAME:
             if (ch == ':')
-                c->state = HTTP_CH_TRAILER_VALUE;
+                pos = HTTP_CH_TRAILER_VALUE;
             else if (!http_is_tchar(ch))
                 goto bad;
             break;
         case HTTP_CH_TRAILER_VALUE:
             if (ch == '\r')
-                c->state = HTTP_CH_TRAILER_LF;
+                pos = HTTP_CH_TRAILER_LF;
             else if (!http_is_value_char(ch))
                 goto bad;
             break;
         case HTTP_CH_TRAILER_LF:
             if (ch != '\n')
                 goto bad;
-            c->state = HTTP_CH_TRAILER_START;
+            pos = HTTP_CH_TRAILER_START;
             break;
         case HTTP_CH_END_LF:
             if (ch != '\n')
                 goto bad;
-            c->state = HTTP_CH_DONE;
             /* Whatever follows belongs to the next request: keep it, right after the body. */
+            pos = HTTP_CH_DONE;
             memmove(buf + out, buf + in, n - in);
-            *len = out;
             *rest = n - in;
-            return 1;
+            r = 1;
+            goto done;
         default:
             goto bad;
         }
+        /* Count every byte of an extension or a trailer line, from its first to its CRLF. */
+        if ((http_ch_is_meta(was) || http_ch_is_meta(pos)) && ++meta > HTTP_CHUNKED_MAX_META)
+            goto bad;
     }
-    *len = out;
-    return 0;
+    goto done;
 
 bad:
-    c->state = HTTP_CH_ERROR;
+    pos = HTTP_CH_ERROR;
+    r = -1;
+done:
+    c->state = HTTP_CH_PACK(pos, digits, meta);
     *len = out;
-    return -1;
+    return r;
 }
 
 /* Decode %XX at s[0..len) (s[0] is the '%'): the byte, or -1 when the escape is cut short or not
@@ -468,7 +497,8 @@ bad:
 static int http_unescape(const char *s, size_t len)
 {
     int hi, lo;
-    if (len < 3 || (hi = http_hex((unsigned char)s[1])) < 0 || (lo = http_hex((unsigned char)s[2])) < 0)
+    if (len < 3 || (hi = http_hex((unsigned char)s[1])) < 0 ||
+        (lo = http_hex((unsigned char)s[2])) < 0)
         return -1;
     return hi << 4 | lo;
 }

@@ -382,8 +382,8 @@ static ssize_t json_unescape(const unsigned char *p, const unsigned char *end, c
 int json_object_scan(const char *text, size_t len, const char *const *keys, struct json_span *spans,
                      size_t nkeys, const char **error, char error_buf[64])
 {
-    const unsigned char *start = (const unsigned char *)text, *p = start, *end = start + len;
-    struct json_scan s = {.end = end};
+    const unsigned char *start = (const unsigned char *)text, *p, *end;
+    struct json_scan s = {0};
     const char *msg;
     for (size_t i = 0; i < nkeys; i++)
         spans[i] = (struct json_span){JSON_NONE, NULL, 0};
@@ -391,7 +391,8 @@ int json_object_scan(const char *text, size_t len, const char *const *keys, stru
         msg = "not a JSON object";
         goto fail;
     }
-    p = json_skip_ws(p, end);
+    s.end = end = start + len;
+    p = json_skip_ws(start, end);
     if (p == end || *p != '{') {
         msg = "not a JSON object";
         goto fail;

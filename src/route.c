@@ -257,14 +257,18 @@ static void reply_error(struct conn *c, const char *error, const struct json_spa
 enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_COUNT };
 static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id"};
 
-/* Decode a short JSON string member into out (NUL-terminated). -1 if it is not a string or too long. */
+/* Decode a short JSON string member into out (room for cap bytes, NUL-terminated). -1 if it is
+ * not a string or its text is cap bytes or longer. */
 static int short_string(const struct json_span *s, char *out, size_t cap)
 {
-    if (s->type != JSON_STRING || s->len > cap)
+    /* Escapes make a token up to six times longer than its text. */
+    char tmp[(CHAN_NAME_MAX + 1) * 6 + 2];
+    if (s->type != JSON_STRING || s->len > sizeof(tmp) || cap > CHAN_NAME_MAX + 1)
         return -1;
-    ssize_t n = json_string_decode(s->p, s->len, out);
+    ssize_t n = json_string_decode(s->p, s->len, tmp);
     if (n < 0 || (size_t)n >= cap)
         return -1;
+    memcpy(out, tmp, (size_t)n);
     out[n] = 0;
     return (int)n;
 }

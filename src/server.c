@@ -317,8 +317,9 @@ static ssize_t feed_body(struct conn *c, char *data, size_t len)
     buf_append(&rs->body, data, dlen);
     if (rcode == 1) {
         body_complete(c);
-        /* The decoder moved the bytes after the body to follow the decoded data. */
-        memmove(data, data + dlen, rest);
+        /* The decoder left the bytes after the body right after the decoded data; parsing goes
+         * on from len - rest, so they are moved there. */
+        memmove(data + len - rest, data + dlen, rest);
         return (ssize_t)(len - rest);
     }
     return (ssize_t)len;
@@ -541,13 +542,13 @@ static void handle_request(struct conn *c, const struct http_request *req)
         goto done;
     }
     if (req->content_length > 0 || req->chunked) {
-        if (plen > 5 && memcmp(path, "/pub/", 5) == 0) {
+        if (plen >= 5 && memcmp(path, "/pub/", 5) == 0) {
             handle_publish(c, &rc, req, path + 5, (size_t)plen - 5);
             goto done;
         }
         rc.keep_alive = 0; /* the body is not read */
     }
-    if (plen > 5 && memcmp(path, "/pub/", 5) == 0) {
+    if (plen >= 5 && memcmp(path, "/pub/", 5) == 0) {
         handle_publish(c, &rc, req, path + 5, (size_t)plen - 5);
         goto done;
     }
@@ -574,6 +575,11 @@ static size_t process_http(struct conn *c, char *data, size_t len)
 {
     size_t off = 0;
     while (off < len && c->state == CONN_HTTP) {
+        if (!c->req && c->q_bytes > conn_get_limits()->send_queue) {
+            /* Pipelining faster than it reads the answers: serve the rest once they are out. */
+            conn_pause_reading(c);
+            break;
+        }
         if (c->req) {
             ssize_t used = feed_body(c, data + off, len - off);
             if (used < 0)
@@ -596,11 +602,6 @@ static size_t process_http(struct conn *c, char *data, size_t len)
          * byte (slowloris) is cut off after http_timeout. */
         conn_touch(c);
         handle_request(c, &req);
-        if (c->q_bytes > conn_get_limits()->send_queue) {
-            /* Pipelining without reading the answers: stop serving this client. */
-            conn_close_now(c);
-            return len;
-        }
     }
     return off;
 }
@@ -696,51 +697,56 @@ static void keep_pending(struct conn *c, const uint8_t *p, size_t n)
     buf_append(c->pending, p, n);
 }
 
-static void on_readable(struct conn *c)
+/* Read what the socket (or TLS session) has into the shared buffer, after the bytes carried over
+ * from the last read, and serve it. Returns the new byte count, 0 when there is nothing new (the
+ * connection may have been woken to serve what was pending), or -1 when it was closed. */
+static ssize_t read_some(struct conn *c, uint8_t *buf, size_t room)
 {
-    uint8_t *buf = conn_read_buffer();
-    size_t have = c->pending ? c->pending->len : 0;
-    if (have)
-        memcpy(buf, c->pending->data, have);
     ssize_t n;
     if (c->tls) {
-        n = tls_read(c->tls, buf + have, CONN_READ_BUF - have);
+        n = tls_read(c->tls, buf, room);
         if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
             if (n == TLS_WANT_WRITE)
                 conn_wait_writable(c);
             if (c->q_len) /* a write may have been waiting for this read */
                 conn_schedule_flush(c);
-            return;
+            return 0;
         }
-        if (n == TLS_ERROR) {
-            conn_close_now(c);
-            return;
-        }
+        if (n == TLS_ERROR)
+            n = -1;
         /* Records already decrypted inside the session do not make the socket readable. */
-        if (n > 0 && tls_pending(c->tls))
+        else if (n > 0 && tls_pending(c->tls))
             ev_feed_event(loop, &c->io, EV_READ);
     } else {
-        n = read(c->io.fd, buf + have, CONN_READ_BUF - have);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                return;
-            conn_close_now(c);
-            return;
-        }
+        n = read(c->io.fd, buf, room);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+            return 0;
     }
-    if (n == 0) {
+    if (n <= 0) {
         /* The peer is gone (or done, after a close handshake or a lingering close). */
         if (c->state == CONN_WS && !c->close_code)
             c->close_code = WS_CLOSE_ABNORMAL;
         conn_close_now(c);
-        return;
+        return -1;
     }
+    stats.bytes_in += (uint64_t)n;
+    return n;
+}
+
+static void on_readable(struct conn *c)
+{
+    uint8_t *buf = conn_read_buffer();
+    size_t have = 0;
     if (c->pending) {
+        have = c->pending->len;
+        memcpy(buf, c->pending->data, have);
         buf_free(c->pending);
         free(c->pending);
         c->pending = NULL;
     }
-    stats.bytes_in += (uint64_t)n;
+    ssize_t n = read_some(c, buf + have, CONN_READ_BUF - have);
+    if (n < 0 || (n == 0 && !have))
+        return;
     size_t len = have + (size_t)n, used = 0;
     if (c->state == CONN_LINGER || c->read_shut)
         return; /* discarded: only EOF is awaited */
@@ -749,7 +755,7 @@ static void on_readable(struct conn *c)
         if (c->state == CONN_WS)
             used += process_ws(c, buf + used, len - used);
     } else {
-        if (c->state == CONN_WS) /* while closing, only the close timeout counts */
+        if (c->state == CONN_WS && n) /* while closing, only the close timeout counts */
             conn_touch(c);
         used = process_ws(c, buf, len);
     }
@@ -935,19 +941,6 @@ static void apply_limits(void)
     conn_set_limits(&lim);
 }
 
-static void sources_json(struct buf *b, void *arg)
-{
-    struct config *c = *(struct config **)arg;
-    buf_printf(b, "\"redis\":{\"configured\":%s,\"connected\":false},\"tail\":[]",
-               c->redis ? "true" : "false");
-}
-
-static void sources_prom(struct buf *b, void *arg)
-{
-    buf_append_str(b, "# HELP herald_redis_connected 1 when the Redis source is connected\n"
-                      "# TYPE herald_redis_connected gauge\nherald_redis_connected 0\n");
-}
-
 /* Per-route figures: messages from clients and payloads made for subscribers (for a script route,
  * deliver hook calls: one per message, whatever the number of subscribers). */
 static void routes_json(struct buf *b, void *arg)
@@ -1040,8 +1033,6 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
     chan_init(cfg->channel_ttl, cfg->max_subscriptions);
     conn_init(loop, on_readable, on_timeout, on_detach);
     apply_limits();
-    static struct stats_section sources = {sources_json, sources_prom, &cfg};
-    stats_add_section(&sources);
     static const struct stats_section routes = {routes_json, routes_prom, NULL};
     stats_add_section(&routes);
     redis_src_configure(loop, cfg);

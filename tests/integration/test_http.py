@@ -1,6 +1,7 @@
 """HTTP: static files, keep-alive and pipelining, escapes from the web root, malformed requests,
 and POST /pub/<channel>."""
 import json
+import re
 import time
 
 import pytest
@@ -384,3 +385,59 @@ def test_publish_token(herald):
     assert json.loads(r.body)["seq"] == 1
     r = herald.publish("tok", "x", {"Authorization": "bearer s3cret-token"})
     assert r.status == 200, r  # the auth scheme is case-insensitive (RFC 9110 11.1)
+
+
+# --- access log and connection limit ------------------------------------------------------------
+
+COMBINED = re.compile(r'^(\S+) \S+ \S+ \[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] '
+                      r'"([^"]*)" (\d{3}) (\d+|-) "([^"]*)" "([^"]*)"$')
+
+
+def test_access_log_combined_format(herald):
+    r = herald.request("GET", "/notes.txt", headers={"Referer": "http://ref.example/page",
+                                                     "User-Agent": "herald-test/1.0"})
+    assert r.status == 200
+    assert herald.request("GET", "/nope.txt").status == 404
+    log = herald.dir / herald.cfg["access_log"]
+    deadline = time.monotonic() + 5
+    lines = []
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if len(lines) >= 2:
+            break
+        time.sleep(0.02)
+    assert len(lines) >= 2, lines
+    m = COMBINED.match(lines[0])
+    assert m, lines[0]
+    assert m.group(1) == "127.0.0.1"
+    assert m.group(3) == "GET /notes.txt HTTP/1.1"
+    assert (m.group(4), m.group(5)) == ("200", str(len(WEB_FILES["notes.txt"][0])))
+    assert (m.group(6), m.group(7)) == ("http://ref.example/page", "herald-test/1.0")
+    m = COMBINED.match(lines[1])
+    assert m and m.group(3) == "GET /nope.txt HTTP/1.1" and m.group(4) == "404", lines[1]
+
+
+@pytest.mark.herald(limits={"max_connections": 3})
+def test_max_connections(herald):
+    clients = [RawWS(herald.port, "/echo") for _ in range(3)]
+    try:
+        with RawHTTP(herald.port) as h:
+            # nothing sent: the refusal is written on accept, and unread input could turn the
+            # server's close into a reset that destroys it
+            r = h.read_response()
+            assert r.status == 503, r
+            assert h.at_eof()
+        assert clients[0].echo(OP_TEXT, b"ok") == (OP_TEXT, b"ok")
+        clients[0].send_close(1000)
+        clients[0].expect_close(1000)
+        clients[0].close()
+        deadline = time.monotonic() + 5
+        while True:
+            r = herald.request("GET", "/notes.txt")
+            if r.status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert r.status == 200, r
+    finally:
+        for c in clients:
+            c.close()
