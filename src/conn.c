@@ -360,15 +360,17 @@ static void conn_write(struct conn *c)
     while (c->q_len) {
         struct iovec iov[WRITEV_MAX];
         int n = 0;
+        size_t asked = 0;
         for (uint32_t i = 0; i < c->q_len && n < WRITEV_MAX; i++) {
             struct conn_qitem *it = &c->q[(c->q_head + i) & (c->q_cap - 1)];
             iov[n].iov_base = it->blk->data + it->off;
             iov[n].iov_len = it->len;
+            asked += it->len;
             n++;
         }
         ssize_t w;
         if (c->tls) {
-            w = tls_writev(c->tls, iov, n);
+            w = tls_writev(c->tls, iov, n, &asked);
             if (w == TLS_WANT_WRITE) {
                 set_write_interest(c, 1);
                 return;
@@ -407,7 +409,7 @@ static void conn_write(struct conn *c)
             c->q_head = (c->q_head + 1) & (c->q_cap - 1);
             c->q_len--;
         }
-        if (c->q_len) {
+        if (c->q_len && (size_t)w < asked) {
             /* A short write means the socket buffer is full: wait for it to drain. */
             set_write_interest(c, 1);
             return;

@@ -934,7 +934,10 @@ static void on_housekeeping(struct ev_loop *l, ev_timer *w, int revents) { chan_
 
 static void apply_limits(void)
 {
-    struct conn_limits lim = {.send_queue = cfg->send_queue};
+    /* A queue must hold a couple of the largest messages, or a reader keeping up with big
+     * messages would count as slow. */
+    size_t queue = cfg->send_queue > 2 * cfg->max_message ? cfg->send_queue : 2 * cfg->max_message;
+    struct conn_limits lim = {.send_queue = queue};
     lim.timeout[CONN_TO_HTTP] = cfg->http_timeout;
     lim.timeout[CONN_TO_WS] = cfg->ping_interval;
     lim.timeout[CONN_TO_CLOSING] = cfg->close_timeout;

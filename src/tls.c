@@ -69,7 +69,12 @@ static SSL_CTX *make_ctx(const char *cert, const char *key, char *err, size_t er
         return NULL;
     }
     if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
-        snprintf(err, errlen, "tls: key %s: %s", key, ssl_error_string());
+        if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
+            ERR_clear_error();
+            snprintf(err, errlen, "tls: key %s does not match certificate %s", key, cert);
+        } else {
+            snprintf(err, errlen, "tls: key %s: %s", key, ssl_error_string());
+        }
         SSL_CTX_free(ctx);
         return NULL;
     }
@@ -171,7 +176,7 @@ ssize_t tls_read(SSL *ssl, void *buf, size_t len)
 
 int tls_pending(SSL *ssl) { return SSL_pending(ssl) > 0; }
 
-ssize_t tls_writev(SSL *ssl, const struct iovec *iov, int iovcnt)
+ssize_t tls_writev(SSL *ssl, const struct iovec *iov, int iovcnt, size_t *asked)
 {
     const void *p;
     size_t len;
@@ -188,6 +193,7 @@ ssize_t tls_writev(SSL *ssl, const struct iovec *iov, int iovcnt)
         p = gather;
     }
     size_t written;
+    *asked = len;
     int rc = SSL_write_ex(ssl, p, len, &written);
     if (rc == 1)
         return (ssize_t)written;

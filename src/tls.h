@@ -32,9 +32,10 @@ void tls_free(struct ssl_st *ssl);
 ssize_t tls_read(struct ssl_st *ssl, void *buf, size_t len);
 /* 1 if decrypted bytes are buffered inside the session (the socket may not signal them). */
 int tls_pending(struct ssl_st *ssl);
-/* Write up to iovcnt buffers, gathered so that records are as full as possible. Returns bytes
- * written (> 0) or one of the codes above. After a WANT, call again with the same leading data. */
-ssize_t tls_writev(struct ssl_st *ssl, const struct iovec *iov, int iovcnt);
+/* Write up to iovcnt buffers, gathered so that records are as full as possible; *asked is set to
+ * how many bytes were offered (a short write is one below that). Returns bytes written (> 0) or
+ * one of the codes above. After a WANT, call again with the same leading data. */
+ssize_t tls_writev(struct ssl_st *ssl, const struct iovec *iov, int iovcnt, size_t *asked);
 /* Send close_notify, without waiting for the peer's. */
 void tls_shutdown(struct ssl_st *ssl);
 
