@@ -4,15 +4,13 @@
  * (different structure, code points computed arithmetically instead of by byte ranges), checks the
  * spans and error messages of json_object_scan against the same reference, and checks that
  * json_string_encode always produces valid JSON that decodes back to its input when that input is
- * valid UTF-8.
- *
- * json.c is included rather than linked: the fuzz targets' sanitizer and coverage flags apply only
- * to the driver's own sources, and herald_proto is built without them, so linking the library copy
- * would leave the parser both uninstrumented and unchecked by AddressSanitizer. The library's
- * json.o is then never pulled from the archive, since nothing else refers to it. */
-#include "../src/json.c"
+ * valid UTF-8. */
+#include "json.h"
 
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* ---- reference parser ------------------------------------------------------------------------ */
 
@@ -246,6 +244,20 @@ static int ref_utf8_valid(const uint8_t *d, size_t n)
 
 static const char *const fuzz_keys[] = {"op", "channel", "data", "id"};
 
+/* The type a value starting with byte c must have. */
+static enum json_type type_of(uint8_t c)
+{
+    switch (c) {
+    case '{': return JSON_OBJECT;
+    case '[': return JSON_ARRAY;
+    case '"': return JSON_STRING;
+    case 't': return JSON_TRUE;
+    case 'f': return JSON_FALSE;
+    case 'n': return JSON_NULL;
+    default: return c == '-' || (c >= '0' && c <= '9') ? JSON_NUMBER : JSON_NONE;
+    }
+}
+
 /* Decode the string token t[0..n): on success the output must be valid UTF-8 and re-encoding it must
  * decode to the same bytes. */
 static void check_decode(const char *t, size_t n)
@@ -292,7 +304,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
             }
             ASSERT(v[i].p >= text && v[i].p + v[i].len <= text + n && v[i].len > 0);
             ASSERT(json_valid(v[i].p, v[i].len));
-            ASSERT(v[i].type == json_type_of((unsigned char)v[i].p[0]));
+            ASSERT(v[i].type == type_of((uint8_t)v[i].p[0]));
             /* No whitespace is included around the value. */
             ASSERT(!ref_ws_byte((uint8_t)v[i].p[v[i].len - 1]));
             if (v[i].type == JSON_STRING)

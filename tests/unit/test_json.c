@@ -392,6 +392,8 @@ static void test_object_scan(void)
     {
         const char *error = NULL;
         char error_buf[64];
+        CHECK_EQ(json_object_scan(NULL, 0, NULL, NULL, 0, &error, error_buf), -1);
+        CHECK(error && strcmp(error, "not a JSON object") == 0);
         CHECK_EQ(json_object_scan("{\"a\":[1]}", 9, NULL, NULL, 0, &error, error_buf), 0);
         CHECK_EQ(json_object_scan("{\"a\":[1]", 8, NULL, NULL, 0, &error, error_buf), -1);
         CHECK(error && strcmp(error, "invalid JSON at byte 8") == 0);
@@ -520,6 +522,11 @@ static int round_trips(const char *s, size_t len)
 static void test_encode(void)
 {
     CHECK(encodes_to("", 0, "\"\""));
+    {
+        char out[2];
+        CHECK_EQ(json_string_encode(NULL, 0, out), 2);
+        CHECK(out[0] == '"' && out[1] == '"');
+    }
     CHECK(encodes_to("abc", 3, "\"abc\""));
     CHECK(encodes_to("a\"b\\c/d", 7, "\"a\\\"b\\\\c/d\""));
     CHECK(encodes_to("\n\r\t\b\f", 5, "\"\\n\\r\\t\\b\\f\""));
