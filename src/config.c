@@ -366,7 +366,7 @@ static void load_redis(struct loader *ld, struct config *cfg)
     get_field(ld, "redis", "reconnect_min");
     r->reconnect_min = pop_number(ld, 0.1, 0.01, 3600, 0);
     get_field(ld, "redis", "reconnect_max");
-    r->reconnect_max = pop_number(ld, 5, 0.01, 3600, 0);
+    r->reconnect_max = pop_number(ld, 2, 0.01, 3600, 0);
     if (r->reconnect_max < r->reconnect_min)
         fail(ld, "must not be less than reconnect_min (%g)", r->reconnect_min);
     get_field(ld, "redis", "connect_timeout");

@@ -58,7 +58,9 @@ const char *http_header_get(const struct http_request *req, const char *name, si
 /* 1 if the comma-separated list value[0..len) holds token (case-insensitive), else 0. */
 int http_has_token(const char *value, size_t len, const char *token);
 
-/* Incremental, in-place decoder of a chunked body. */
+/* Incremental, in-place decoder of a chunked body. A chunk size of more than 16 hex digits, or more
+ * than 16 KiB of chunk extensions and trailers over the whole body, is malformed: neither adds to
+ * the body, so nothing else would bound them. */
 struct http_chunked {
     uint64_t chunk_left; /* bytes of the current chunk's data still to come */
     int state;

@@ -1,4 +1,5 @@
 /* main.c - command line, configuration, signals, and the event loop. */
+#include "buf.h"
 #include "config.h"
 #include "log.h"
 #include "route.h"
@@ -49,24 +50,33 @@ static void on_stop_signal(struct ev_loop *l, ev_signal *w, int revents)
     server_shutdown(stopped);
 }
 
+/* Configurations loaded by reloads. The server keeps a pointer to the one it runs and adopts the
+ * new routes against it, so the new configuration gets storage of its own; the one before is
+ * kept until the next reload, since requests in flight may still point into it. */
+static struct config *running = &cfg, *previous;
+
 static void on_reload_signal(struct ev_loop *l, ev_signal *w, int revents)
 {
-    static struct config next, old;
+    struct config *next = xcalloc(1, sizeof(*next));
     char err[1024];
-    if (config_load(config_file, &next, err, sizeof(err)) < 0) {
+    if (config_load(config_file, next, err, sizeof(err)) < 0) {
         log_error("reload failed, keeping the running configuration: %s", err);
-        config_free(&next);
+        config_free(next);
+        free(next);
         return;
     }
     if (port_override)
-        next.port = port_override;
-    if (next.port != cfg.port || strcmp(next.host, cfg.host) != 0)
+        next->port = port_override;
+    if (next->port != running->port || strcmp(next->host, running->host) != 0)
         log_warn("reload: listen address changes take effect on restart");
-    config_free(&old);
-    old = cfg; /* kept until the next reload: requests in flight may still point into it */
-    cfg = next;
-    memset(&next, 0, sizeof(next));
-    server_reload(&cfg);
+    server_reload(next);
+    if (previous) {
+        config_free(previous);
+        if (previous != &cfg)
+            free(previous);
+    }
+    previous = running;
+    running = next;
     log_info("configuration reloaded from %s", config_file);
 }
 

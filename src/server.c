@@ -517,6 +517,14 @@ static void handle_request(struct conn *c, const struct http_request *req)
 {
     struct reply_ctx rc = {.req = req, .keep_alive = req->keep_alive};
     stats.http_requests++;
+    size_t hosts = 0;
+    for (size_t i = 0; i < req->num_headers; i++)
+        hosts += req->headers[i].name_len == 4 && strncasecmp(req->headers[i].name, "host", 4) == 0;
+    if (req->minor_version >= 1 ? hosts != 1 : hosts > 1) {
+        /* RFC 9112 3.2: exactly one Host in HTTP/1.1. */
+        respond_text(c, &rc, 400, "an HTTP/1.1 request needs exactly one Host header", NULL);
+        return;
+    }
     rc.head_only = req->method_len == 4 && memcmp(req->method, "HEAD", 4) == 0;
     char *path = xmalloc(req->path_len + 1);
     ssize_t plen = http_path_decode(req->path, req->path_len, path);

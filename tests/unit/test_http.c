@@ -462,6 +462,49 @@ static void check_chunked_more(const char *in)
     }
 }
 
+/* A body of `chunks` one-byte chunks, each with an extension of ext_len bytes, then (when chunks is
+ * 0) one trailer with a value of ext_len bytes: decoded whole and a byte at a time, both give r. */
+static void check_meta(int chunks, size_t ext_len, int r)
+{
+    size_t cap = (size_t)(chunks + 1) * (ext_len + 16) + 64, n = 0;
+    char *in = malloc(cap), *buf = malloc(cap);
+    for (int i = 0; i < chunks; i++) {
+        n += (size_t)sprintf(in + n, "1;");
+        memset(in + n, 'e', ext_len);
+        n += ext_len;
+        n += (size_t)sprintf(in + n, "\r\nx\r\n");
+    }
+    n += (size_t)sprintf(in + n, "0\r\n");
+    if (!chunks) {
+        n += (size_t)sprintf(in + n, "X:");
+        memset(in + n, 't', ext_len);
+        n += ext_len;
+        n += (size_t)sprintf(in + n, "\r\n");
+    }
+    n += (size_t)sprintf(in + n, "\r\n");
+
+    struct http_chunked c;
+    size_t len = n, rest, body = 0;
+    http_chunked_init(&c);
+    memcpy(buf, in, n);
+    CHECK_EQ(http_chunked_decode(&c, buf, &len, &rest), r);
+    if (r == 1)
+        CHECK_EQ(len, chunks);
+    http_chunked_init(&c);
+    int got = 0;
+    for (size_t i = 0; i < n && got == 0; i++) {
+        buf[0] = in[i];
+        len = 1;
+        got = http_chunked_decode(&c, buf, &len, &rest);
+        body += len;
+    }
+    CHECK_EQ(got, r);
+    if (r == 1)
+        CHECK_EQ(body, chunks);
+    free(in);
+    free(buf);
+}
+
 static void test_chunked(void)
 {
     check_chunked("0\r\n\r\n", "", "");
@@ -511,6 +554,17 @@ static void test_chunked(void)
     check_chunked_bad("0\r\nA: x\ny\r\n\r\n");
     check_chunked_bad("0\r\nA: x\x7f\r\n\r\n");
     check_chunked_bad("0\r\nA: x\r\r\n");
+
+    /* Size digits, extensions and trailers are bounded, over the whole body for the last two. */
+    check_chunked("0000000000000005\r\nhello\r\n0000000000000000\r\n\r\n", "hello", "");
+    check_chunked_bad("00000000000000005\r\nhello\r\n0\r\n\r\n");
+    check_chunked_bad("00000000000000000\r\n\r\n");
+    check_meta(1, 16384 - 2, 1);  /* ';' + extension + CR: exactly the cap */
+    check_meta(1, 16384 - 1, -1);
+    check_meta(16, 1024 - 2, 1);  /* spread over chunks */
+    check_meta(17, 1024 - 2, -1);
+    check_meta(0, 16384 - 4, 1);  /* one trailer: "X:" + value + CRLF */
+    check_meta(0, 16384 - 3, -1);
 
     /* After the end, more calls report everything as the rest; after an error, stay failed. */
     struct http_chunked c;
