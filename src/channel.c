@@ -2,11 +2,14 @@
 #include "channel.h"
 
 #include "buf.h"
+#include "config.h"
 #include "conn.h"
 #include "route.h"
 #include "stats.h"
 #include "ws.h"
 
+#include <openssl/rand.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,8 +38,23 @@ struct group {
     uint8_t dirty;
 };
 
+/* The last messages of a channel, for clients that come back and say where they were. */
+struct hist_entry {
+    uint64_t seq;
+    double time;
+    struct block *data; /* the payload as published */
+    uint8_t is_json;
+};
+
+struct history {
+    struct hist_entry *ring;
+    uint32_t cap, head, count; /* head: the oldest entry */
+    double age;
+};
+
 struct chan {
     struct chan *hnext;
+    struct history *hist;               /* NULL unless a history rule covers the name */
     struct chan *idle_prev, *idle_next; /* on the idle list while it has no subscriber */
     struct group *groups;
     uint64_t hash;
@@ -72,6 +90,89 @@ void chan_foreach_subscribed(void (*fn)(const char *name, size_t len, void *arg)
 }
 
 static size_t max_subs_per_conn = 1000;
+static struct config_history *hist_rules;
+static size_t hist_nrules;
+static char epoch[17];
+
+void chan_set_history(const struct config_history *rules, size_t n)
+{
+    for (size_t i = 0; i < hist_nrules; i++)
+        free(hist_rules[i].prefix);
+    free(hist_rules);
+    hist_rules = xcalloc(n + 1, sizeof(*hist_rules));
+    for (size_t i = 0; i < n; i++) {
+        hist_rules[i] = rules[i];
+        hist_rules[i].prefix = xstrdup(rules[i].prefix);
+    }
+    hist_nrules = n;
+}
+
+const char *chan_epoch(void)
+{
+    if (!epoch[0]) {
+        /* A new epoch per process: seqs restart with it, so a resume across a restart is told. */
+        uint8_t r[8];
+        if (RAND_bytes(r, sizeof(r)) != 1)
+            memset(r, 0, sizeof(r));
+        for (int i = 0; i < 8; i++)
+            snprintf(epoch + 2 * i, 3, "%02x", r[i]);
+    }
+    return epoch;
+}
+
+static struct history *history_for(const char *name, size_t len)
+{
+    for (size_t i = 0; i < hist_nrules; i++) {
+        size_t plen = strlen(hist_rules[i].prefix);
+        if (len >= plen && memcmp(name, hist_rules[i].prefix, plen) == 0) {
+            struct history *h = xcalloc(1, sizeof(*h));
+            h->cap = (uint32_t)hist_rules[i].length;
+            h->age = hist_rules[i].age;
+            h->ring = xcalloc(h->cap, sizeof(*h->ring));
+            return h;
+        }
+    }
+    return NULL;
+}
+
+static struct hist_entry *hist_at(struct history *h, uint32_t i) { return &h->ring[(h->head + i) % h->cap]; }
+
+static void hist_drop_oldest(struct history *h)
+{
+    block_unref(hist_at(h, 0)->data);
+    h->head = (h->head + 1) % h->cap;
+    h->count--;
+}
+
+/* Forget entries older than the history's age. */
+static void hist_expire(struct history *h, double now)
+{
+    while (h->count && h->age > 0 && hist_at(h, 0)->time + h->age < now)
+        hist_drop_oldest(h);
+}
+
+static void hist_append(struct history *h, const struct chan_msg *m, double now)
+{
+    if (h->count == h->cap)
+        hist_drop_oldest(h);
+    struct hist_entry *e = hist_at(h, h->count++);
+    e->seq = m->seq;
+    e->time = now;
+    e->data = block_new(m->len);
+    memcpy(e->data->data, m->data, m->len);
+    e->data->len = m->len;
+    e->is_json = m->is_json;
+}
+
+static void hist_free(struct history *h)
+{
+    if (!h)
+        return;
+    while (h->count)
+        hist_drop_oldest(h);
+    free(h->ring);
+    free(h);
+}
 
 void chan_init(double ttl, size_t max_subscriptions)
 {
@@ -168,6 +269,7 @@ static struct chan *chan_lookup(const char *name, size_t len, int create)
     ch->hnext = table[b];
     table[b] = ch;
     chan_total++;
+    ch->hist = history_for(name, len);
     idle_append(ch, ev_time());
     return ch;
 }
@@ -180,6 +282,7 @@ static void chan_free(struct chan *ch)
     *pp = ch->hnext;
     idle_unlink(ch);
     chan_total--;
+    hist_free(ch->hist);
     free(ch);
 }
 
@@ -218,6 +321,8 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
     struct chan *ch = chan_lookup(m->channel, m->channel_len, 1);
     m->seq = ++ch->seq;
     stats.messages_in++;
+    if (ch->hist)
+        hist_append(ch->hist, m, ev_time());
     if (!ch->nsubs) { /* a publish renews an idle channel */
         idle_unlink(ch);
         idle_append(ch, ev_time());
@@ -404,8 +509,61 @@ void chan_unsubscribe_all(struct conn *c)
 
 void chan_sweep(ev_tstamp now)
 {
-    while (idle_head && idle_head->idle_since + idle_ttl <= now && !idle_head->groups)
-        chan_free(idle_head);
+    while (idle_head && idle_head->idle_since + idle_ttl <= now && !idle_head->groups) {
+        struct chan *ch = idle_head;
+        if (ch->hist) {
+            hist_expire(ch->hist, now);
+            if (ch->hist->count) {
+                /* Still holds messages a client may come back for: look again later. */
+                idle_unlink(ch);
+                idle_append(ch, now);
+                continue;
+            }
+        }
+        chan_free(ch);
+    }
+}
+
+int chan_recover(const char *name, size_t len, uint64_t since, const char *ep, size_t ep_len,
+                 uint64_t *last_seq)
+{
+    struct chan *ch = chan_lookup(name, len, 0);
+    *last_seq = ch ? ch->seq : 0;
+    if (!ch || !ch->hist)
+        return -1;
+    hist_expire(ch->hist, ev_time());
+    const char *mine = chan_epoch();
+    if (!ep || ep_len != strlen(mine) || memcmp(ep, mine, ep_len) != 0 || since > ch->seq)
+        return 0;
+    if (since == ch->seq)
+        return 1;
+    /* Everything after since must still be held. */
+    struct history *h = ch->hist;
+    return h->count && hist_at(h, 0)->seq <= since + 1;
+}
+
+void chan_replay(struct conn *c, const char *name, size_t len, uint64_t since)
+{
+    struct chan *ch = chan_lookup(name, len, 0);
+    if (!ch || !ch->hist)
+        return;
+    struct history *h = ch->hist;
+    for (uint32_t i = 0; i < h->count; i++) {
+        struct hist_entry *e = hist_at(h, i);
+        if (e->seq <= since)
+            continue;
+        struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len, .data = e->data->data,
+                             .len = e->data->len, .is_json = e->is_json, .utf8 = -1, .json = -1,
+                             .seq = e->seq};
+        const char *payload;
+        size_t plen;
+        int opcode;
+        if (route_payload(c->route, &m, &payload, &plen, &opcode) == 0) {
+            conn_send_frame(c, opcode, payload, plen);
+            stats.messages_out++;
+        }
+        free(m.decoded);
+    }
 }
 
 size_t chan_count(void) { return chan_total; }

@@ -57,6 +57,21 @@ void chan_settle(void);
  * that c sees messages and replies in the order they happened. */
 void chan_settle_for(struct conn *c);
 
+/* History: channels whose name starts with a rule's prefix keep their last rule.length messages
+ * for rule.age seconds (rules are copied; the first match counts). */
+struct config_history;
+void chan_set_history(const struct config_history *rules, size_t n);
+/* This process's epoch: seqs are only comparable within one. */
+const char *chan_epoch(void);
+/* Can a client that saw channel up to seq `since` in epoch ep be given everything after it?
+ * Returns 1 (yes), 0 (no: the history does not reach back, or another epoch), or -1 (the channel
+ * keeps no history). *last_seq gets the channel's last seq. */
+int chan_recover(const char *name, size_t len, uint64_t since, const char *ep, size_t ep_len,
+                 uint64_t *last_seq);
+/* Queue to c, encoded for its route, every held message of the channel after since. Call right
+ * after subscribing c, so that these come before anything published later. */
+void chan_replay(struct conn *c, const char *name, size_t len, uint64_t since);
+
 /* Forget channels that have had no subscriber for idle_ttl seconds. */
 void chan_sweep(ev_tstamp now);
 

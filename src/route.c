@@ -133,8 +133,32 @@ static ssize_t query_channels(const char *query, size_t query_len)
     return http_query_get(query, query_len, "subscribe", scratch.data, scratch.cap);
 }
 
+/* A raw subscriber's resume request (?since=N&epoch=E): the recovery verdict as chan_recover
+ * gives it, or -2 when the query asks for none (or is malformed: *bad set). */
+static int raw_resume(const char *query, size_t query_len, const char *name, size_t len, uint64_t *since,
+                      uint64_t *last, int *bad)
+{
+    char text[32], ep[64];
+    *bad = 0;
+    ssize_t n = query ? http_query_get(query, query_len, "since", text, sizeof(text) - 1) : -1;
+    if (n < 0) {
+        *bad = n == -2;
+        return -2;
+    }
+    text[n] = 0;
+    char *end;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (!n || *end || text[0] == '-') {
+        *bad = 1;
+        return -2;
+    }
+    *since = v;
+    ssize_t elen = http_query_get(query, query_len, "epoch", ep, sizeof(ep));
+    return chan_recover(name, len, v, elen < 0 ? NULL : ep, elen < 0 ? 0 : (size_t)elen, last);
+}
+
 int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
-                 size_t path_len, const char **why)
+                 size_t path_len, struct buf *headers, const char **why)
 {
     const char *query = req->query;
     size_t query_len = req->query_len;
@@ -148,6 +172,18 @@ int route_accept(struct route *r, struct conn *c, const struct http_request *req
         if (!route_allows(r, c, AUTH_SUBSCRIBE, name, len)) {
             *why = "the token does not grant this channel";
             return 403;
+        }
+        uint64_t since, last;
+        int bad, recovered = raw_resume(query, query_len, name, len, &since, &last, &bad);
+        if (bad) {
+            *why = "since must be a seq (a whole number >= 0)";
+            return 400;
+        }
+        if (recovered != -1 && (recovered != -2 || chan_recover(name, len, 0, NULL, 0, &last) >= 0)) {
+            buf_printf(headers, "X-Herald-Epoch: %s\r\nX-Herald-Seq: %llu\r\n", chan_epoch(),
+                       (unsigned long long)last);
+            if (recovered >= 0)
+                buf_printf(headers, "X-Herald-Recovered: %s\r\n", recovered ? "true" : "false");
         }
         return 0;
     }
@@ -168,7 +204,13 @@ int route_open(struct route *r, struct conn *c, const char *path, size_t path_le
                size_t query_len)
 {
     if (r->kind == ROUTE_RAW) {
-        chan_subscribe(c, path + r->path_len, path_len - r->path_len);
+        const char *name = path + r->path_len;
+        size_t len = path_len - r->path_len;
+        chan_subscribe(c, name, len);
+        uint64_t since, last;
+        int bad;
+        if (raw_resume(query, query_len, name, len, &since, &last, &bad) == 1)
+            chan_replay(c, name, len, since);
     } else if (r->kind == ROUTE_PUBSUB) {
         ssize_t n = query_channels(query, query_len);
         if (n >= 0)
@@ -254,8 +296,22 @@ static void reply_error(struct conn *c, const char *error, const struct json_spa
     reply_end(c, id);
 }
 
-enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_COUNT };
-static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id"};
+enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_COUNT };
+static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch"};
+
+/* A non-negative integer JSON number; -1 if it is anything else. */
+static int64_t span_seq(const struct json_span *s)
+{
+    if (s->type != JSON_NUMBER || s->len > 18)
+        return -1;
+    int64_t v = 0;
+    for (size_t i = 0; i < s->len; i++) {
+        if (s->p[i] < '0' || s->p[i] > '9')
+            return -1;
+        v = v * 10 + (s->p[i] - '0');
+    }
+    return v;
+}
 
 /* Decode a short JSON string member into out (room for cap bytes, NUL-terminated). -1 if it is
  * not a string or its text is cap bytes or longer. */
@@ -326,11 +382,35 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         return;
     }
     if (is_sub) {
+        int64_t since = -1;
+        if (v[KEY_SINCE].type != JSON_NONE && (since = span_seq(&v[KEY_SINCE])) < 0) {
+            reply_error(c, "\"since\" must be a seq (a whole number >= 0)", id);
+            return;
+        }
+        char ep[64];
+        int ep_len = -1;
+        if (v[KEY_EPOCH].type != JSON_NONE && (ep_len = short_string(&v[KEY_EPOCH], ep, sizeof(ep))) < 0) {
+            reply_error(c, "\"epoch\" must be the string a subscribed reply gave", id);
+            return;
+        }
         if (chan_subscribe(c, channel, (size_t)clen) < 0) {
             reply_error(c, "subscription limit reached for this connection", id);
             return;
         }
+        uint64_t last;
+        int recovered = chan_recover(channel, (size_t)clen, since < 0 ? 0 : (uint64_t)since,
+                                     ep_len < 0 ? NULL : ep, ep_len < 0 ? 0 : (size_t)ep_len, &last);
         reply_begin("subscribed");
+        buf_printf(&scratch, ",\"channel\":\"%s\"", channel);
+        if (recovered >= 0) {
+            buf_printf(&scratch, ",\"epoch\":\"%s\",\"seq\":%llu", chan_epoch(), (unsigned long long)last);
+            if (since >= 0)
+                buf_printf(&scratch, ",\"recovered\":%s", recovered ? "true" : "false");
+        }
+        reply_end(c, id);
+        if (recovered == 1 && since >= 0)
+            chan_replay(c, channel, (size_t)clen, (uint64_t)since);
+        return;
     } else if (is_unsub) {
         chan_unsubscribe(c, channel, (size_t)clen);
         reply_begin("unsubscribed");

@@ -47,10 +47,11 @@ struct route *route_match(struct route *const *routes, size_t n, const char *pat
 int route_open(struct route *r, struct conn *c, const char *path, size_t path_len, const char *query,
                size_t query_len);
 
-/* Decide on a handshake before the 101 is sent (channel names, a script's open hook): 0 to go on,
- * or an HTTP status (400, 403) with *why set. */
+/* Decide on a handshake before the 101 is sent (channel names, a script's open hook): 0 to go on
+ * (header lines for the 101 may be appended to headers), or an HTTP status (400, 403) with *why
+ * set. */
 int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
-                 size_t path_len, const char **why);
+                 size_t path_len, struct buf *headers, const char **why);
 
 /* 1 if c may do action (enum auth_action) on channel through route r: always on routes without
  * auth = "token"; otherwise as its token grants. A refusal is counted. */

@@ -488,8 +488,10 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         return;
     }
     const char *why = NULL;
-    int status = route_accept(r, c, req, path, path_len, &why);
+    struct buf headers = {0};
+    int status = route_accept(r, c, req, path, path_len, &headers, &why);
     if (status) {
+        buf_free(&headers);
         respond_text(c, rc, status, why ? why : "refused", NULL);
         return;
     }
@@ -498,8 +500,9 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
     out.len = 0;
     buf_printf(&out,
                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Accept: %s\r\n\r\n",
-               accept);
+               "Sec-WebSocket-Accept: %s\r\n%.*s\r\n",
+               accept, (int)headers.len, headers.data ? headers.data : "");
+    buf_free(&headers);
     conn_queue_copy(c, out.data, out.len);
     access_log(c, req, 101, 0);
     c->state = CONN_WS;
@@ -1042,6 +1045,7 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
     spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     stats.started = ev_time();
     chan_init(cfg->channel_ttl, cfg->max_subscriptions);
+    chan_set_history(cfg->history, cfg->nhistory);
     conn_init(loop, on_readable, on_timeout, on_detach);
     apply_limits();
     static const struct stats_section routes = {routes_json, routes_prom, NULL};
@@ -1069,6 +1073,7 @@ void server_reload(struct config *c)
     tail_configure(loop, cfg);
     apply_limits();
     chan_init(cfg->channel_ttl, cfg->max_subscriptions);
+    chan_set_history(cfg->history, cfg->nhistory);
     if (static_set_root(cfg->web_root) < 0)
         log_error("web_root %s: %s", cfg->web_root, strerror(errno));
     if (log_access_open(cfg->access_log) < 0)

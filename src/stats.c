@@ -76,7 +76,7 @@ void stats_render_json(struct buf *out)
 {
     struct figure f[MAX_FIGURES];
     size_t n = collect(f);
-    buf_append(out, "{", 1);
+    buf_printf(out, "{\"epoch\":\"%s\",", chan_epoch());
     for (size_t i = 0; i < n; i++)
         buf_printf(out, "%s\"%s\":%.0f", i ? "," : "", f[i].name, f[i].value);
     for (size_t i = 0; i < nsections; i++) {
