@@ -336,9 +336,11 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         if (route_payload(g->route, m, &payload, &len, &opcode) < 0)
             continue;
         group_make_room(g, len + WS_MAX_HEADER);
-        uint8_t hdr[WS_MAX_HEADER];
-        size_t hlen = ws_frame_header(hdr, opcode, 1, len, NULL);
-        g->batch = block_append(g->batch, hdr, hlen);
+        if (opcode != ROUTE_OP_UNFRAMED) {
+            uint8_t hdr[WS_MAX_HEADER];
+            size_t hlen = ws_frame_header(hdr, opcode, 1, len, NULL);
+            g->batch = block_append(g->batch, hdr, hlen);
+        }
         g->batch = block_append(g->batch, payload, len);
         g->pending_msgs++;
         if (!g->dirty) {
@@ -559,7 +561,10 @@ void chan_replay(struct conn *c, const char *name, size_t len, uint64_t since)
         size_t plen;
         int opcode;
         if (route_payload(c->route, &m, &payload, &plen, &opcode) == 0) {
-            conn_send_frame(c, opcode, payload, plen);
+            if (opcode == ROUTE_OP_UNFRAMED)
+                conn_queue_copy(c, payload, plen);
+            else
+                conn_send_frame(c, opcode, payload, plen);
             stats.messages_out++;
         }
         free(m.decoded);

@@ -306,8 +306,10 @@ static void load_routes(struct loader *ld, struct config *cfg)
             k = ROUTE_RAW;
         else if (strcmp(kind, "echo") == 0)
             k = ROUTE_ECHO;
+        else if (strcmp(kind, "sse") == 0)
+            k = ROUTE_SSE;
         else
-            fail(ld, "unknown kind \"%s\" (expected pubsub, raw or echo)", kind);
+            fail(ld, "unknown kind \"%s\" (expected pubsub, raw, echo or sse)", kind);
         if (path[0] != '/')
             fail(ld, "path \"%s\" must start with /", path);
         struct route *r = route_new(k, path);
@@ -318,6 +320,8 @@ static void load_routes(struct loader *ld, struct config *cfg)
             fail(ld, "auth = \"token\" needs jwt_secret to be set");
         get_field(ld, name, "origins");
         pop_string_list(ld, &r->origins, &r->norigins, 0);
+        if (k == ROUTE_SSE && !r->prefix)
+            fail(ld, "an sse route's path must end in / (/sse/<channel>, or /sse/?channels=a,b)");
         if (k == ROUTE_RAW && !r->prefix)
             fail(ld, "a raw route's path must end in / (the rest of the path names the channel)");
         if (k == ROUTE_SCRIPT) {

@@ -453,7 +453,10 @@ void conn_flush_all(void)
             continue;
         }
         conn_write(c);
-        if (c->state == CONN_WS && conn_over_limit(c)) {
+        if (c->state == CONN_SSE && conn_over_limit(c)) {
+            stats.slow_consumers_dropped++; /* an event stream has no close frame */
+            conn_close_now(c);
+        } else if (c->state == CONN_WS && conn_over_limit(c)) {
             /* Still over the limit after a write: a slow consumer. Keep only what is partly
              * written so the stream stays well-formed, and close with 1013. */
             stats.slow_consumers_dropped++;

@@ -26,6 +26,7 @@ struct auth_grants;
 enum conn_state {
     CONN_HTTP,     /* reading HTTP requests */
     CONN_WS,       /* an open WebSocket */
+    CONN_SSE,      /* an event stream: only written to; what the client sends is ignored */
     CONN_CLOSING,  /* a close frame was queued; waiting for the peer's or the queue to drain */
     CONN_LINGER,   /* write side shut down; reading until EOF so the peer sees everything sent */
     CONN_DEAD,     /* to be freed at the end of the loop pass */

@@ -19,7 +19,7 @@
  *
  * Mirror envelope: a message this node publishes to Redis is
  *     "\xff" "herald:1:" <node id, 16 hex digits> ":" <'j' JSON value | 'r' raw bytes> ":" <payload>
- * 0xFF never starts UTF-8 text or JSON, and the whole 9-byte magic never starts a real binary
+ * 0xFF never starts UTF-8 text or JSON, and the whole 10-byte magic never starts a real binary
  * payload, so a backend's plain PUBLISH is taken as the raw payload it is. A node drops envelopes
  * carrying its own id: it fanned those messages out locally when they were published. */
 #include "source.h"
@@ -40,7 +40,7 @@
 #include <string.h>
 
 #define ENVELOPE_MAGIC "\xff" "herald:1:"
-#define ENVELOPE_MAGIC_LEN 9
+#define ENVELOPE_MAGIC_LEN (sizeof(ENVELOPE_MAGIC) - 1)
 #define NODE_ID_LEN 16
 #define ENVELOPE_HEADER_LEN (ENVELOPE_MAGIC_LEN + NODE_ID_LEN + 3)
 /* Channel names per SUBSCRIBE command when subscribing in bulk. */
@@ -555,6 +555,10 @@ static void deliver(const char *channel, size_t channel_len, const char *data, s
         drop_log(&R.dropped, "larger than max_message", channel, channel_len);
         return;
     }
+    /* Whoever can PUBLISH to Redis can forge an envelope: a "JSON value" that is not one would be
+     * passed on as is to /ws subscribers, so it is checked, and taken as raw bytes if it fails. */
+    if (is_json && !json_valid(data, len))
+        is_json = 0;
     struct chan_msg m = {.channel = channel, .channel_len = channel_len, .data = data, .len = len,
                          .is_json = (uint8_t)is_json, .utf8 = (int8_t)(is_json ? 1 : -1),
                          .json = (int8_t)(is_json ? 1 : -1), .remote = 1};

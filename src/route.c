@@ -51,7 +51,7 @@ void route_unref(struct route *r)
 
 const char *route_kind_name(enum route_kind kind)
 {
-    static const char *const names[] = {"pubsub", "raw", "echo", "script"};
+    static const char *const names[] = {"pubsub", "raw", "echo", "script", "sse"};
     return names[kind];
 }
 
@@ -465,6 +465,8 @@ void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
     case ROUTE_SCRIPT:
         script_message(c, data, len, binary);
         break;
+    case ROUTE_SSE: /* event streams carry nothing from the client */
+        break;
     }
 }
 
@@ -484,9 +486,48 @@ static int msg_json(struct chan_msg *m)
     return m->json;
 }
 
+/* Append an SSE event: the id, then the data split into data: lines (a line break in the payload
+ * would otherwise end the field). */
+static void sse_event(struct chan_msg *m, const char *data, size_t len)
+{
+    buf_printf(&scratch, "id: %s:%.*s:%llu\ndata: ", chan_epoch(), (int)m->channel_len, m->channel,
+               (unsigned long long)m->seq);
+    size_t start = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (data[i] == '\n' || data[i] == '\r') {
+            buf_append(&scratch, data + start, i - start);
+            if (data[i] == '\n')
+                buf_append_str(&scratch, "\ndata: ");
+            start = i + 1;
+        }
+    }
+    buf_append(&scratch, data + start, len - start);
+    buf_append(&scratch, "\n\n", 2);
+}
+
 int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *len, int *opcode)
 {
     r->deliver_calls++;
+    if (r->kind == ROUTE_SSE) {
+        /* The event's data is the JSON of a /ws message, without "op". */
+        static struct buf json;
+        json.len = 0;
+        buf_printf(&json, "{\"channel\":\"%.*s\",\"seq\":%llu,\"data\":", (int)m->channel_len, m->channel,
+                   (unsigned long long)m->seq);
+        if (m->is_json || msg_json(m)) {
+            buf_append(&json, m->data, m->len);
+        } else {
+            char *o = buf_reserve(&json, JSON_STRING_ENCODED_MAX(m->len) + 1);
+            json.len += json_string_encode(m->data, m->len, o);
+        }
+        buf_append(&json, "}", 1);
+        scratch.len = 0;
+        sse_event(m, json.data, json.len);
+        *p = scratch.data;
+        *len = scratch.len;
+        *opcode = ROUTE_OP_UNFRAMED;
+        return 0;
+    }
     if (r->kind == ROUTE_PUBSUB) {
         scratch.len = 0;
         buf_printf(&scratch, "{\"op\":\"message\",\"channel\":\"%.*s\",\"seq\":%llu,\"data\":",

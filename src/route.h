@@ -15,7 +15,10 @@ struct conn;
 struct chan_msg;
 struct http_request;
 
-enum route_kind { ROUTE_PUBSUB, ROUTE_RAW, ROUTE_ECHO, ROUTE_SCRIPT };
+enum route_kind { ROUTE_PUBSUB, ROUTE_RAW, ROUTE_ECHO, ROUTE_SCRIPT, ROUTE_SSE };
+
+/* route_payload's opcode for bytes that go out as they are, with no WebSocket frame (SSE). */
+#define ROUTE_OP_UNFRAMED (-1)
 
 struct route {
     uint32_t refs;

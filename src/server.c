@@ -514,6 +514,164 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
     route_open(r, c, path, path_len, req->query, req->query_len);
 }
 
+/* --- Server-Sent Events ------------------------------------------------------------------------- */
+
+struct sse_ctx {
+    struct route *r;
+    struct conn *c;
+    const char *why;
+    int status;
+    int subscribe; /* second pass: subscribe rather than check */
+};
+
+static int sse_channel(const char *name, size_t len, void *arg)
+{
+    struct sse_ctx *x = arg;
+    if (!len)
+        return 0; /* /sse/?channels=... has an empty path part */
+    if (x->subscribe) {
+        chan_subscribe(x->c, name, len);
+        return 0;
+    }
+    if (!chan_name_valid(name, len, &x->why)) {
+        x->status = 400;
+        return 1;
+    }
+    if (!route_allows(x->r, x->c, AUTH_SUBSCRIBE, name, len)) {
+        x->why = "the token does not grant this channel";
+        x->status = 403;
+        return 1;
+    }
+    return 0;
+}
+
+static int each_name(const char *list, size_t len, int (*fn)(const char *, size_t, void *), void *arg)
+{
+    size_t start = 0;
+    for (size_t i = 0; i <= len; i++) {
+        if (i == len || list[i] == ',') {
+            if (fn(list + start, i - start, arg))
+                return 1;
+            start = i + 1;
+        }
+    }
+    return 0;
+}
+
+/* GET /sse/<channel>[?channels=a,b]: an event stream of the channels' messages. A Last-Event-ID
+ * (header, or ?last_event_id= for a first connection) of the form epoch:channel:seq resumes that
+ * channel from its history. */
+static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct http_request *req,
+                      struct route *r, const char *path, size_t path_len)
+{
+    if (req->method_len != 3 || memcmp(req->method, "GET", 3) != 0) {
+        respond_text(c, rc, 405, "event streams are read with GET", "Allow: GET\r\n");
+        return;
+    }
+    size_t olen;
+    const char *origin = http_header_get(req, "origin", &olen);
+    if (origin && r->norigins) {
+        size_t i = 0;
+        while (i < r->norigins && !(strlen(r->origins[i]) == olen && strncasecmp(r->origins[i], origin, olen) == 0))
+            i++;
+        if (i == r->norigins) {
+            stats.auth_refused++;
+            respond_text(c, rc, 403, "this origin may not open this route", NULL);
+            return;
+        }
+    }
+    char tbuf[1024];
+    size_t tlen;
+    const char *token = cfg->jwt_secret ? request_token(req, tbuf, sizeof(tbuf), &tlen) : NULL;
+    if (token) {
+        const char *why;
+        if (!(c->grants = auth_verify(token, tlen, cfg->jwt_secret, ev_now(loop), &why))) {
+            stats.auth_refused++;
+            respond_text(c, rc, 401, why, NULL);
+            return;
+        }
+    } else if (r->require_token) {
+        stats.auth_refused++;
+        respond_text(c, rc, 401, "a signed token is required (?token= or Authorization: Bearer)", NULL);
+        return;
+    }
+    struct buf list = {0};
+    if (path_len > r->path_len)
+        buf_append(&list, path + r->path_len, path_len - r->path_len);
+    if (req->query) {
+        char *more = xmalloc(req->query_len + 1);
+        ssize_t n = http_query_get(req->query, req->query_len, "channels", more, req->query_len + 1);
+        if (n > 0) {
+            buf_append(&list, ",", 1);
+            buf_append(&list, more, (size_t)n);
+        }
+        free(more);
+    }
+    struct sse_ctx x = {.r = r, .c = c};
+    if (list.len == 0 || (list.len == 1 && list.data[0] == ','))
+        x.status = 400, x.why = "name a channel: /sse/<channel> or ?channels=a,b";
+    else
+        each_name(list.data, list.len, sse_channel, &x);
+    if (x.status) {
+        buf_free(&list);
+        respond_text(c, rc, x.status, x.why, NULL);
+        return;
+    }
+    out.len = 0;
+    buf_append_str(&out, "HTTP/1.1 200 OK\r\nServer: herald\r\nContent-Type: text/event-stream\r\n"
+                         "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+    if (origin && r->norigins)
+        buf_printf(&out, "Access-Control-Allow-Origin: %.*s\r\nVary: Origin\r\n", (int)olen, origin);
+    else if (!r->norigins)
+        buf_append_str(&out, "Access-Control-Allow-Origin: *\r\n");
+    buf_printf(&out, "\r\nretry: 2000\n: herald epoch %s\n\n", chan_epoch());
+    conn_queue_copy(c, out.data, out.len);
+    access_log(c, req, 200, 0);
+    c->state = CONN_SSE;
+    c->route = route_ref(r);
+    conn_set_timeout_class(c, CONN_TO_WS);
+    stats.sse_streams++;
+    c->is_ws = 2; /* counted in sse_streams */
+    x.subscribe = 1;
+    each_name(list.data, list.len, sse_channel, &x);
+    buf_free(&list);
+    /* Resume: epoch:channel:seq */
+    char idbuf[320];
+    size_t idlen;
+    const char *id = http_header_get(req, "last-event-id", &idlen);
+    if (!id && req->query) {
+        ssize_t n = http_query_get(req->query, req->query_len, "last_event_id", idbuf, sizeof(idbuf));
+        if (n > 0) {
+            id = idbuf;
+            idlen = (size_t)n;
+        }
+    }
+    const char *c1 = id ? memchr(id, ':', idlen) : NULL;
+    const char *c2 = NULL;
+    for (const char *p = id ? id + idlen : NULL; c1 && p-- > c1;)
+        if (*p == ':') {
+            c2 = p;
+            break;
+        }
+    if (c1 && c2 && c2 > c1) {
+        char seqtext[24];
+        size_t sl = (size_t)(id + idlen - c2 - 1);
+        if (sl && sl < sizeof(seqtext)) {
+            memcpy(seqtext, c2 + 1, sl);
+            seqtext[sl] = 0;
+            char *end;
+            unsigned long long since = strtoull(seqtext, &end, 10);
+            const char *name = c1 + 1;
+            size_t nlen = (size_t)(c2 - c1 - 1);
+            uint64_t last;
+            const char *why;
+            if (!*end && chan_name_valid(name, nlen, &why) &&
+                chan_recover(name, nlen, since, id, (size_t)(c1 - id), &last) == 1)
+                chan_replay(c, name, nlen, since);
+        }
+    }
+}
+
 /* --- HTTP requests ------------------------------------------------------------------------------ */
 
 static void handle_request(struct conn *c, const struct http_request *req)
@@ -540,6 +698,20 @@ static void handle_request(struct conn *c, const struct http_request *req)
     const char *upgrade = http_header_get(req, "upgrade", &len);
     int wants_ws = upgrade && http_has_token(upgrade, len, "websocket");
     struct route *r = route_match(cfg->routes, cfg->nroutes, path, (size_t)plen);
+    for (size_t i = 0; !r && i < cfg->nroutes; i++) {
+        /* An event stream route also answers at its bare path, /sse/ or /sse, for ?channels= */
+        struct route *s = cfg->routes[i];
+        if (s->kind == ROUTE_SSE && (size_t)plen + 1 >= s->path_len && (size_t)plen <= s->path_len &&
+            memcmp(path, s->path, (size_t)plen) == 0)
+            r = s;
+    }
+    if (r && r->kind == ROUTE_SSE) {
+        if (wants_ws)
+            respond_text(c, &rc, 400, "this is an event stream: GET it without upgrading", NULL);
+        else
+            serve_sse(c, &rc, req, r, path, (size_t)plen);
+        goto done;
+    }
     if (r) {
         if (wants_ws)
             handshake(c, &rc, req, r, path, (size_t)plen);
@@ -759,7 +931,7 @@ static void on_readable(struct conn *c)
     if (n < 0 || (n == 0 && !have))
         return;
     size_t len = have + (size_t)n, used = 0;
-    if (c->state == CONN_LINGER || c->read_shut)
+    if (c->state == CONN_LINGER || c->state == CONN_SSE || c->read_shut)
         return; /* discarded: only EOF is awaited */
     if (c->state == CONN_HTTP) {
         used = process_http(c, (char *)buf, len);
@@ -787,6 +959,10 @@ static void on_timeout(struct conn *c)
         }
         conn_close_now(c);
         break;
+    case CONN_SSE: /* a comment keeps proxies from timing the stream out, and finds dead peers */
+        conn_queue_copy(c, ": keepalive\n\n", 13);
+        conn_touch(c);
+        break;
     case CONN_WS:
         if (c->awaiting_pong) {
             conn_ws_close(c, WS_CLOSE_GOING_AWAY, "ping timeout");
@@ -811,8 +987,11 @@ static void on_detach(struct conn *c, uint16_t code, const char *reason)
     if (c->state == CONN_DEAD && c->ip_counted)
         ip_release(c);
     if (c->is_ws) {
+        if (c->is_ws == 2)
+            stats.sse_streams--;
+        else
+            stats.websockets--;
         c->is_ws = 0;
-        stats.websockets--;
     }
     req_state_free(c);
 }

@@ -41,6 +41,7 @@ static size_t collect(struct figure *f)
 #define FIG(nm, ty, hp, val) f[n++] = (struct figure){nm, ty, hp, (double)(val)}
     FIG("connections", GAUGE, "Open client connections", conn_count());
     FIG("websockets", GAUGE, "Open WebSocket connections", stats.websockets);
+    FIG("sse_streams", GAUGE, "Open Server-Sent Events streams", stats.sse_streams);
     FIG("channels", GAUGE, "Channels known", chan_count());
     FIG("subscriptions", GAUGE, "Subscriptions", chan_subscription_count());
     FIG("connections_total", COUNTER, "Connections accepted", stats.connections_total);

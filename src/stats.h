@@ -16,6 +16,7 @@ struct stats {
     uint64_t auth_refused;          /* handshakes, operations and publishes refused for access */
     uint64_t rate_limited;          /* connections closed over message_rate */
     uint64_t websockets;            /* open WebSocket connections now */
+    uint64_t sse_streams;           /* open event streams now */
     uint64_t http_requests;
     uint64_t http_errors;           /* requests answered 4xx or 5xx */
     uint64_t messages_in;           /* messages published, from every source */
