@@ -226,7 +226,11 @@ def test_connections_per_address(herald):
         conns[0].send_text("still here")
         assert conns[0].recv_message()[1] == b"still here"
     finally:
+        # A close handshake, so the server has let go of each connection before /stats is
+        # asked for (it comes from the same address, and would otherwise be refused too).
         for c in conns:
+            c.send_close(1000)
+            c.expect_close(1000)
             c.close()
     herald.wait_stats(lambda s: s["connections_refused_per_ip"] == 1 and s["websockets"] == 0)
     with RawWS(herald.port, "/echo") as again:  # slots are given back
