@@ -1,0 +1,221 @@
+"""A real redis-server for the source tests, and a minimal RESP client to drive it.
+
+    with RedisServer(tmp_path) as r:
+        r.client().command("PUBLISH", "news", "hello")   # -> number of receivers
+
+The server runs on a free port of 127.0.0.1 with no persistence (--save "" --appendonly no); it can
+be killed and started again on the same port (and Unix socket) to test reconnection.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from herald_util import HOST, free_port
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisError(Exception):
+    pass
+
+
+class Resp:
+    """A blocking RESP2 client on one connection (TCP or Unix socket)."""
+
+    def __init__(self, port=None, unix=None, timeout=5.0):
+        if unix:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(unix))
+        else:
+            self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.timeout = timeout
+        self.buf = bytearray()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @staticmethod
+    def encode(*args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, str):
+                a = a.encode()
+            elif isinstance(a, int):
+                a = str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        return b"".join(out)
+
+    def send(self, *args):
+        self.sock.sendall(self.encode(*args))
+
+    def command(self, *args):
+        self.send(*args)
+        return self.read()
+
+    def pipeline(self, commands):
+        """Send many commands in one write; return their replies in order."""
+        self.sock.sendall(b"".join(self.encode(*c) for c in commands))
+        return [self.read() for _ in commands]
+
+    def _line(self, deadline):
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[:i + 2]
+                return line
+            self._fill(deadline)
+
+    def _fill(self, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no reply from redis in time")
+        self.sock.settimeout(left)
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("redis closed the connection")
+        self.buf += data
+
+    def read(self, timeout=None):
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        return self._read(deadline)
+
+    def _read(self, deadline):
+        line = self._line(deadline)
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            while len(self.buf) < n + 2:
+                self._fill(deadline)
+            data = bytes(self.buf[:n])
+            del self.buf[:n + 2]
+            return data
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read(deadline) for _ in range(n)]
+        raise RedisError("unexpected reply %r" % line)
+
+
+class RedisServer:
+    """redis-server as a child process, stoppable and restartable on the same address."""
+
+    def __init__(self, dirpath, password=None, unix=False):
+        if not os.access(REDIS_SERVER, os.X_OK):
+            raise RuntimeError("redis-server is not installed "
+                               "(tools/install-deps.sh test installs it)")
+        self.dir = Path(dirpath)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.password = password
+        self.unix = str(self.dir / "redis.sock") if unix else None
+        self.proc = None
+        self.log = self.dir / "redis.log"
+
+    def args(self):
+        a = [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly",
+             "no", "--dir", str(self.dir), "--logfile", str(self.log), "--daemonize", "no"]
+        if self.password:
+            a += ["--requirepass", self.password]
+        if self.unix:
+            a += ["--unixsocket", self.unix, "--unixsocketperm", "700"]
+        return a
+
+    def start(self, timeout=10.0):
+        self.proc = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=str(self.dir))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited: %s" % self.log.read_text(errors="replace"))
+            try:
+                with self.client(timeout=1.0) as c:
+                    if c.command("PING") == "PONG":
+                        return self
+            except (OSError, ConnectionError, TimeoutError):
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not answer PING within %.0f s" % timeout)
+
+    def kill(self):
+        """Stop the server at once (SIGKILL), as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.unix and os.path.exists(self.unix):
+            os.unlink(self.unix)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def client(self, timeout=5.0):
+        c = Resp(self.port, timeout=timeout)
+        if self.password:
+            c.command("AUTH", self.password)
+        return c
+
+    def numsub(self, channel):
+        with self.client() as c:
+            r = c.command("PUBSUB", "NUMSUB", channel)
+        return int(r[1])
+
+    def channels(self):
+        with self.client() as c:
+            return sorted(x.decode() for x in c.command("PUBSUB", "CHANNELS"))
+
+    def wait_numsub(self, channel, want, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        n = self.numsub(channel)
+        while n != want and time.monotonic() < deadline:
+            time.sleep(0.02)
+            n = self.numsub(channel)
+        assert n == want, "PUBSUB NUMSUB %s is %d, expected %d" % (channel, n, want)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def redis_settings(server, **extra):
+    """A herald `redis = {...}` table for server (fast reconnection for tests)."""
+    cfg = {"host": HOST, "port": server.port, "reconnect_min": 0.05, "reconnect_max": 0.3}
+    cfg.update(extra)
+    return cfg
+
+
+def wait_log(herald, text, count=1, timeout=10.0):
+    """Wait until herald's stderr holds text at least count times (bounded)."""
+    deadline = time.monotonic() + timeout
+    while herald.stderr_text().count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError("herald did not log %r %d time(s):\n%s"
+                                 % (text, count, herald.stderr_text()))
+        time.sleep(0.02)
