@@ -228,7 +228,7 @@ static int ws_payload(struct ws_parser *p, uint8_t *buf, size_t len, size_t off,
         ws_mask(data, n, p->mask, p->mask_pos);
         p->mask_pos = (uint8_t)((p->mask_pos + n) & 3);
     }
-    if (p->message_op == WS_OP_TEXT && ws_utf8_feed(&p->utf8_state, data, n) < 0)
+    if (p->message_op == WS_OP_TEXT && !p->compressed && ws_utf8_feed(&p->utf8_state, data, n) < 0)
         return ws_fail(p, WS_ERR_UTF8, len, consumed, ev);
     p->frame_left -= n;
     p->message_len += n;
@@ -244,7 +244,9 @@ static int ws_payload(struct ws_parser *p, uint8_t *buf, size_t len, size_t off,
     }
     ws_event_set(ev, WS_EV_DATA, p->message_op, data, n);
     ev->fin = fin;
+    ev->compressed = p->compressed;
     if (fin) {
+        p->compressed = 0;
         p->message_op = 0;
         p->message_len = 0;
         p->utf8_state = WS_UTF8_ACCEPT;
@@ -280,7 +282,8 @@ int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, st
         h = buf + off;
         op = h[0] & 0x0F;
         fin = h[0] >> 7;
-        if (h[0] & 0x70)
+        /* RSV1 is permessage-deflate's, allowed only on the first frame of a data message. */
+        if ((h[0] & 0x30) || ((h[0] & 0x40) && !(p->deflate && (op == WS_OP_TEXT || op == WS_OP_BINARY))))
             return ws_fail(p, WS_ERR_RSV, len, consumed, ev);
         if (op == WS_OP_CONT) {
             if (!p->message_op)
@@ -354,6 +357,7 @@ int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, st
             p->message_op = (uint8_t)op;
             p->message_len = 0;
             p->utf8_state = WS_UTF8_ACCEPT;
+            p->compressed = (h[0] & 0x40) != 0;
         }
         off += hlen;
     }
@@ -364,7 +368,7 @@ size_t ws_frame_header(uint8_t *out, int opcode, int fin, uint64_t len, const ui
     uint8_t mask_bit = mask ? 0x80 : 0;
     size_t n;
 
-    out[0] = (uint8_t)((fin ? 0x80 : 0) | (opcode & 0x0F));
+    out[0] = (uint8_t)((fin ? 0x80 : 0) | (opcode & (0x0F | WS_FRAME_RSV1)));
     if (len < 126) {
         out[1] = (uint8_t)(mask_bit | len);
         n = 2;

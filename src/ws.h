@@ -50,6 +50,8 @@ struct ws_event {
     enum ws_event_type type;
     int opcode;          /* WS_EV_DATA: WS_OP_TEXT or WS_OP_BINARY, the message's type */
     int fin;             /* WS_EV_DATA: this chunk completes the message */
+    int compressed;      /* WS_EV_DATA: the message is compressed (permessage-deflate); its UTF-8
+                          * is not checked here but by whoever inflates it */
     const uint8_t *data; /* points into the buffer given to ws_parse (already unmasked) */
     size_t len;
     uint16_t code;
@@ -78,6 +80,8 @@ struct ws_parser {
     uint8_t frame_fin;     /* FIN bit of the data frame in progress */
     uint8_t in_frame;      /* a data frame's payload is being streamed */
     uint8_t failed;        /* an error was reported; nothing more is parsed */
+    uint8_t deflate;       /* permessage-deflate was negotiated: RSV1 marks a compressed message */
+    uint8_t compressed;    /* the message in progress is compressed */
 };
 
 void ws_parser_init(struct ws_parser *p, enum ws_role role, uint64_t max_message);
@@ -87,6 +91,9 @@ void ws_parser_init(struct ws_parser *p, enum ws_role role, uint64_t max_message
  * (with more appended) on the next call. Masked payload is unmasked in place in buf. After
  * WS_EV_ERROR every call returns the same error and consumes everything. */
 int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, struct ws_event *ev);
+
+/* OR'ed into ws_frame_header's opcode: set RSV1, the compressed-message bit of permessage-deflate. */
+#define WS_FRAME_RSV1 0x40
 
 /* Write a frame header for a payload of len bytes into out (at least WS_MAX_HEADER bytes).
  * mask is NULL for an unmasked (server) frame, else the 4-byte key, which the caller applies to the
