@@ -29,6 +29,7 @@
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -90,6 +91,7 @@ static struct {
     char prefix[32];
     double connect_timeout;
     int quiet;
+    int kernel_ts;         /* latency up to the kernel's receive timestamp */
 } O;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -123,6 +125,20 @@ static void note(const char *fmt, ...)
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+}
+
+static uint64_t g_rt_offset; /* CLOCK_REALTIME - CLOCK_MONOTONIC, ns */
+
+static void update_rt_offset(void)
+{
+    struct timespec a, m, b;
+    clock_gettime(CLOCK_REALTIME, &a);
+    clock_gettime(CLOCK_MONOTONIC, &m);
+    clock_gettime(CLOCK_REALTIME, &b);
+    uint64_t rt = ((uint64_t)a.tv_sec * 1000000000ull + (uint64_t)a.tv_nsec +
+                   (uint64_t)b.tv_sec * 1000000000ull + (uint64_t)b.tv_nsec) / 2;
+    uint64_t mono = (uint64_t)m.tv_sec * 1000000000ull + (uint64_t)m.tv_nsec;
+    STORE(g_rt_offset, rt - mono);
 }
 
 static void *zalloc(size_t n)
@@ -609,6 +625,8 @@ static void sub_start_connect(struct worker *w, struct sub *s)
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (O.kernel_ts)
+        setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
     if (NSRC > 1) {
         struct sockaddr_in src = {.sin_family = AF_INET};
         src.sin_addr.s_addr = htonl(0x7f000002u + s->idx % NSRC);
@@ -931,7 +949,32 @@ static void sub_cb(struct ev_loop *loop, ev_io *io, int revents)
         return;
     }
     memcpy(w->rbuf, s->pend, s->pend_len);
-    ssize_t n = read(io->fd, w->rbuf + s->pend_len, RBUF_SIZE - s->pend_len);
+    struct iovec iov = {w->rbuf + s->pend_len, RBUF_SIZE - s->pend_len};
+    union {
+        char buf[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } cm;
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (O.kernel_ts) {
+        mh.msg_control = cm.buf;
+        mh.msg_controllen = sizeof cm.buf;
+    }
+    ssize_t n = recvmsg(io->fd, &mh, 0);
+    uint64_t now = now_ns();
+    if (n > 0 && O.kernel_ts) {
+        /* When the data reached the socket, not when this loop got round to reading it: with
+         * thousands of subscribers, reading them all one by one takes the load generator a while. */
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+                struct timespec ts;
+                memcpy(&ts, CMSG_DATA(c), sizeof ts);
+                uint64_t rt = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+                uint64_t mono = rt - LOAD(g_rt_offset);
+                if (mono < now)
+                    now = mono;
+            }
+        }
+    }
     if (n < 0) {
         if (errno == EAGAIN || errno == EINTR)
             return;
@@ -943,7 +986,7 @@ static void sub_cb(struct ev_loop *loop, ev_io *io, int revents)
         return;
     }
     BUMP(w->c.wire_bytes, (uint64_t)n);
-    sub_parse(w, s, w->rbuf, s->pend_len + (size_t)n, now_ns());
+    sub_parse(w, s, w->rbuf, s->pend_len + (size_t)n, now);
     (void)loop;
 }
 
@@ -1016,8 +1059,11 @@ static void pub_dead(struct pub *p, const char *fmt, ...)
         p->fd = -1;
     }
     p->state = P_DEAD;
-    /* Its outstanding publishes will not be acknowledged; count them as errors. */
+    /* Its outstanding publishes will not be acknowledged: count them as errors, and owe no
+     * deliveries for them (the server may or may not have taken them). */
     C.pub_errors += p->outstanding;
+    for (uint32_t k = 0; k < p->outstanding; k++)
+        C.expected -= CHAN_SUBS[p->ring[(p->ring_head + k) % O.pipeline]];
     p->outstanding = 0;
 }
 
@@ -1205,6 +1251,10 @@ static void pub_redis_replies(struct pub *p)
             return;
         size_t line = (size_t)(e - s);
         b->off += line + 2;
+        if (line == 2 && s[0] == ':' && s[1] == '0' && !C.pub_error[0])
+            snprintf(C.pub_error, sizeof C.pub_error,
+                     "Redis PUBLISH reached no subscriber: is the server subscribed to %s?",
+                     O.redis_host);
         pub_ack(p, s[0] == ':', (const char *)s, line);
     }
 }
@@ -1485,7 +1535,11 @@ static void progress(uint64_t now)
         C.rss_peak = rss;
 }
 
-static void prog_cb(struct ev_loop *loop, ev_timer *t, int revents) { progress(now_ns()); }
+static void prog_cb(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    update_rt_offset();
+    progress(now_ns());
+}
 
 static void finish(void);
 
@@ -1883,13 +1937,16 @@ static void usage(FILE *f)
         "  --json FILE           write the results as JSON (- for stdout)\n"
         "  --label NAME          name of the run in the output\n"
         "  --threads N           event loops (default 1; thread 0 also publishes)\n"
+        "  --rx-time kernel|read  latency ends at the kernel's receive timestamp of the data\n"
+        "                        (SO_TIMESTAMPNS, default) or when herald-bench read it\n"
         "  -q, --quiet           no progress lines\n"
         "  -h, --help            this help\n"
         "\n"
         "Each payload starts with \"h<publisher>:<channel>:<seq>:<CLOCK_MONOTONIC ns>|\" and is\n"
         "padded with 'x'. Subscribers count deliveries, losses (owed minus unique deliveries),\n"
-        "duplicates and reorders per channel and publisher, and latency (send to read) of messages\n"
-        "sent in the measured window. Progress goes to stderr once a second.\n",
+        "duplicates and reorders per channel and publisher, and latency (send to receipt, see\n"
+        "--rx-time) of messages sent in the measured window. Progress goes to stderr once a second.\n"
+        "Exit status: 0, 1 when no subscriber connected, 3 on losses or duplicates.\n",
         f);
 }
 
@@ -1953,13 +2010,14 @@ int main(int argc, char **argv)
     O.max_connecting = 512;
     O.threads = 1;
     O.connect_timeout = 120;
+    O.kernel_ts = 1;
     const char *redis = "127.0.0.1:6379";
 
     enum {
         OPT_HOST = 256, OPT_PORT, OPT_SUBPATH, OPT_WSPATH, OPT_PUBPATH, OPT_PERCONN, OPT_SUB,
         OPT_CRATE, OPT_MAXCONN, OPT_SRC, OPT_CTIMEOUT, OPT_PUBLISH, OPT_REDIS, OPT_WARMUP,
         OPT_DRAIN, OPT_PUBS, OPT_PIPE, OPT_WINDOW, OPT_PREFIX, OPT_PID, OPT_JSON, OPT_LABEL,
-        OPT_THREADS
+        OPT_THREADS, OPT_RXTS
     };
     static const struct option lo[] = {
         {"host", 1, 0, OPT_HOST}, {"port", 1, 0, OPT_PORT}, {"sub-path", 1, 0, OPT_SUBPATH},
@@ -1973,7 +2031,7 @@ int main(int argc, char **argv)
         {"publishers", 1, 0, OPT_PUBS}, {"pipeline", 1, 0, OPT_PIPE},
         {"window", 1, 0, OPT_WINDOW}, {"prefix", 1, 0, OPT_PREFIX},
         {"server-pid", 1, 0, OPT_PID}, {"json", 1, 0, OPT_JSON}, {"label", 1, 0, OPT_LABEL},
-        {"threads", 1, 0, OPT_THREADS}, {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'},
+        {"threads", 1, 0, OPT_THREADS}, {"rx-time", 1, 0, OPT_RXTS}, {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "n:k:r:s:d:qh", lo, NULL)) != -1) {
@@ -2036,6 +2094,14 @@ int main(int argc, char **argv)
         case OPT_JSON: O.json = optarg; break;
         case OPT_LABEL: O.label = optarg; break;
         case OPT_THREADS: O.threads = (uint32_t)parse_num(optarg, "--threads"); break;
+        case OPT_RXTS:
+            if (!strcmp(optarg, "kernel"))
+                O.kernel_ts = 1;
+            else if (!strcmp(optarg, "read"))
+                O.kernel_ts = 0;
+            else
+                die("--rx-time wants kernel or read");
+            break;
         case 'q': O.quiet = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -2118,6 +2184,7 @@ int main(int argc, char **argv)
         PUBS[i].fd = -1;
     }
 
+    update_rt_offset();
     C.t0 = now_ns();
     C.rss_before = server_rss_kb();
     C.rss_peak = C.rss_before;
