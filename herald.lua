@@ -11,6 +11,7 @@ routes = {
   { path = "/ws",   kind = "pubsub" },              -- the generic JSON protocol
   { path = "/sub/", kind = "raw", publish = true }, -- /sub/<channel>: payloads as published
   { path = "/echo", kind = "echo" },
+  { path = "/sse/", kind = "sse" },                 -- /sse/<channel>: Server-Sent Events
   -- Lua routes (docs/lua.md): each script's protocol is described at its top.
   { path = "/echo-lua",  script = "scripts/echo.lua" },      -- echo, as a script
   { path = "/chat",      script = "scripts/chat.lua" },      -- ?room=&nick=: rooms, who is here
@@ -19,3 +20,6 @@ routes = {
   { path = "/dashboard", script = "scripts/dashboard.lua" }, -- the broker's figures each second
   { path = "/countdown", script = "scripts/countdown.lua" }, -- 10 .. 1, BOOM!
 }
+
+-- Channels that keep their last messages, so clients can resume where they were.
+history = { { prefix = "chat:", length = 100, age = 3600 } }
