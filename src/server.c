@@ -827,6 +827,9 @@ static int ws_inflate_chunk(struct conn *c, const struct ws_event *ev)
     if (code == WS_CLOSE_TOO_BIG)
         stats.messages_too_big++;
     log_debug("conn %llu: %s (closing with %d)", (unsigned long long)c->id, why, code);
+    /* Failed, as a parser error fails it: the rest of the input is not read, and the connection
+     * ends once the close frame is out rather than waiting for the client's. */
+    c->read_shut = 1;
     conn_ws_close(c, (uint16_t)code, why);
     return -1;
 }
