@@ -1281,8 +1281,8 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
     apply_limits();
     static const struct stats_section routes = {routes_json, routes_prom, NULL};
     stats_add_section(&routes);
-    static const struct stats_section deflate = {pmd_stats_json, pmd_stats_prom, NULL};
-    stats_add_section(&deflate);
+    static const struct stats_section deflate_figures = {pmd_stats_json, pmd_stats_prom, NULL};
+    stats_add_section(&deflate_figures);
     redis_src_configure(loop, cfg);
     tail_configure(loop, cfg);
     ev_io_init(&listen_io, on_accept, fd, EV_READ);
