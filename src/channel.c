@@ -4,6 +4,7 @@
 #include "buf.h"
 #include "config.h"
 #include "conn.h"
+#include "deflate.h"
 #include "route.h"
 #include "stats.h"
 #include "ws.h"
@@ -24,10 +25,16 @@ struct sub {
     size_t skip;           /* batch offset where its messages start */
 };
 
-/* The subscribers of one channel on one route: they all receive the same frames. */
+/* The subscribers of one channel on one route: they all receive the same frames. Subscribers that
+ * negotiated permessage-deflate are grouped apart, by the window size they negotiated: their
+ * frames carry the message compressed, made once per message for the whole group. A group per
+ * window size in use, rather than compressing once with the smallest window among them, keeps one
+ * client that asks for a small window from making every other subscriber's messages larger; in
+ * practice nearly every client takes the default, so a route has at most one compressed group. */
 struct group {
     struct chan *chan;
     struct route *route;
+    uint8_t pmd_bits;         /* the permessage-deflate window of its subscribers; 0: plain */
     struct group *next;       /* the channel's next group */
     struct group *dirty_next; /* on the dirty list while it has unsettled messages */
     struct sub **subs;
@@ -316,6 +323,19 @@ static void group_make_room(struct group *g, size_t need)
     g->settled = 0;
 }
 
+/* The payload for g's subscribers, who negotiated permessage-deflate: the message compressed once
+ * for all of them, in place of *p and *len with RSV1 added to *opcode, unless it is shorter than
+ * the route's min_size or does not shrink (then it goes as it is). */
+static void group_deflate(struct group *g, const char **p, size_t *len, int *opcode)
+{
+    static struct buf z; /* reused for every message: compressing allocates nothing per delivery */
+    if (pmd_compress(g->pmd_bits, g->route->deflate_level, g->route->deflate_min_size, *p, *len, &z)) {
+        *p = z.data;
+        *len = z.len;
+        *opcode |= WS_FRAME_RSV1;
+    }
+}
+
 uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
 {
     struct chan *ch = chan_lookup(m->channel, m->channel_len, 1);
@@ -327,14 +347,27 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         idle_unlink(ch);
         idle_append(ch, ev_time());
     }
+    /* A route's groups sit next to each other (see chan_subscribe), so its payload is made once
+     * and serves its plain and its compressed subscribers alike. */
+    struct route *made_for = NULL;
+    int made = -1;
+    const char *route_data = NULL;
+    size_t route_len = 0;
+    int route_opcode = 0;
     for (struct group *g = ch->groups; g; g = g->next) {
         if (!g->nsubs)
             continue;
-        const char *payload;
-        size_t len;
-        int opcode;
-        if (route_payload(g->route, m, &payload, &len, &opcode) < 0)
+        if (g->route != made_for) {
+            made_for = g->route;
+            made = route_payload(g->route, m, &route_data, &route_len, &route_opcode);
+        }
+        if (made < 0)
             continue;
+        const char *payload = route_data;
+        size_t len = route_len;
+        int opcode = route_opcode;
+        if (g->pmd_bits && opcode != ROUTE_OP_UNFRAMED)
+            group_deflate(g, &payload, &len, &opcode);
         group_make_room(g, len + WS_MAX_HEADER);
         if (opcode != ROUTE_OP_UNFRAMED) {
             uint8_t hdr[WS_MAX_HEADER];
@@ -423,14 +456,22 @@ int chan_subscribe(struct conn *c, const char *name, size_t len)
         return -1;
     }
     struct group *g = ch->groups;
-    while (g && g->route != c->route)
+    while (g && (g->route != c->route || g->pmd_bits != c->pmd.server_bits))
         g = g->next;
     if (!g) {
         g = xcalloc(1, sizeof(*g));
         g->chan = ch;
         g->route = route_ref(c->route);
-        g->next = ch->groups;
-        ch->groups = g;
+        g->pmd_bits = c->pmd.server_bits;
+        /* Next to the route's other groups, so that chan_publish makes the route's payload once. */
+        struct group **at = &ch->groups;
+        for (struct group *h = ch->groups; h; h = h->next)
+            if (h->route == c->route) {
+                at = &h->next;
+                break;
+            }
+        g->next = *at;
+        *at = g;
     }
     if (g->nsubs == g->cap) {
         g->cap = g->cap ? g->cap * 2 : 4;

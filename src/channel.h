@@ -1,7 +1,8 @@
 /* channel.h - the channel registry, per-channel sequence numbers, subscriptions, and fan-out.
  *
- * Fan-out is per message, not per subscriber: a channel's subscribers are grouped by route, and a
- * published message is encoded once per group, appended to that group's batch block for the current
+ * Fan-out is per message, not per subscriber: a channel's subscribers are grouped by route (and by
+ * the permessage-deflate window they negotiated, if any), and a published message is encoded (and
+ * compressed, for such a group) once per group, appended to that group's batch block for the current
  * loop pass. Before the loop sleeps (chan_settle) each subscriber gets one reference to the part of
  * the batch published since it subscribed, so a burst of messages reaches each subscriber as one
  * shared region written with one writev. */

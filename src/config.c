@@ -261,9 +261,34 @@ static void load_limits(struct loader *ld, struct config *cfg)
     lua_pop(ld->L, 1);
 }
 
+/* A route's deflate setting at the top of the stack (popped): true or false, or a table
+ * { min_size = ..., level = ... }, which turns permessage-deflate on with those settings. */
+static void pop_deflate(struct loader *ld, const char *route, struct route *r)
+{
+    static const char *const keys[] = {"min_size", "level", NULL};
+    lua_State *L = ld->L;
+    int t = lua_type(L, -1);
+    if (t == LUA_TNIL || t == LUA_TBOOLEAN) {
+        r->deflate = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        return;
+    }
+    if (t != LUA_TTABLE)
+        fail(ld, "expected true, false or a table { min_size = ..., level = ... }, got %s", type_of(L, -1));
+    char where[64];
+    snprintf(where, sizeof(where), "%s.deflate", route);
+    check_keys(ld, where, keys);
+    r->deflate = 1;
+    get_field(ld, where, "min_size");
+    r->deflate_min_size = (size_t)pop_number(ld, (double)r->deflate_min_size, 0, 1 << 30, 1);
+    get_field(ld, where, "level");
+    r->deflate_level = (int)pop_number(ld, r->deflate_level, 1, 9, 1);
+    lua_pop(L, 1);
+}
+
 static void load_routes(struct loader *ld, struct config *cfg)
 {
-    static const char *const keys[] = {"path", "kind", "script", "publish", "origins", "auth", NULL};
+    static const char *const keys[] = {"path", "kind", "script", "publish", "origins", "auth", "deflate", NULL};
     lua_State *L = ld->L;
     if (get_global(ld, "routes") == LUA_TNIL) {
         lua_pop(L, 1);
@@ -320,6 +345,11 @@ static void load_routes(struct loader *ld, struct config *cfg)
             fail(ld, "auth = \"token\" needs jwt_secret to be set");
         get_field(ld, name, "origins");
         pop_string_list(ld, &r->origins, &r->norigins, 0);
+        get_field(ld, name, "deflate");
+        pop_deflate(ld, name, r);
+        snprintf(ld->where, sizeof(ld->where), "%s", name);
+        if (k == ROUTE_SSE && r->deflate)
+            fail(ld, "deflate is for WebSocket routes (an event stream is not sent in messages)");
         if (k == ROUTE_SSE && !r->prefix)
             fail(ld, "an sse route's path must end in / (/sse/<channel>, or /sse/?channels=a,b)");
         if (k == ROUTE_RAW && !r->prefix)

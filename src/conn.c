@@ -230,6 +230,15 @@ void conn_send_frame(struct conn *c, int opcode, const void *p, size_t len)
 {
     if (c->close_sent && opcode != WS_OP_CLOSE)
         return;
+    /* Compressed on its own, as server_no_context_takeover promises; the compressed bytes are
+     * copied into the queue below, so one scratch buffer serves every frame. */
+    static struct buf zbuf;
+    if (c->pmd.server_bits && opcode < WS_OP_CLOSE && c->route &&
+        pmd_compress(c->pmd.server_bits, c->route->deflate_level, c->route->deflate_min_size, p, len, &zbuf)) {
+        opcode |= WS_FRAME_RSV1;
+        p = zbuf.data;
+        len = zbuf.len;
+    }
     uint8_t hdr[WS_MAX_HEADER];
     size_t hlen = ws_frame_header(hdr, opcode, 1, len, NULL);
     if (len > TAIL_BLOCK_SIZE) {
@@ -432,6 +441,9 @@ static void free_conn(struct conn *c)
         free(c->message);
     }
     free(c->req);
+    pmd_inflater_free(c->inflater);
+    if (c->pmd.server_bits)
+        pmd_stats.websockets--;
     route_unref(c->route);
     auth_free(c->grants);
     if (c->tls)

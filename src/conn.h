@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "buf.h"
+#include "deflate.h"
 #include "ws.h"
 
 struct route;
@@ -62,6 +63,8 @@ struct conn {
     uint16_t close_code;  /* code to log/report when the connection ends */
     struct route *route;  /* WebSocket route; holds a reference */
     struct ws_parser wp;
+    struct pmd_params pmd; /* permessage-deflate as negotiated in the handshake; zero when off */
+    struct pmd_inflater *inflater; /* owned; made at the client's first compressed message, else NULL */
     struct buf *pending;  /* unconsumed input carried to the next read; NULL when none */
     struct buf *message;  /* a WebSocket message being assembled; NULL when none */
     struct http_req_state *req; /* an HTTP request whose body is being read; NULL when none */
@@ -106,7 +109,9 @@ void conn_set_timeout_class(struct conn *c, enum conn_timeout_class cls);
 void conn_queue_block(struct conn *c, struct block *blk, size_t off, size_t len);
 /* Queue a copy of p[0..len), packed with other small writes into this connection's own tail block. */
 void conn_queue_copy(struct conn *c, const void *p, size_t len);
-/* Queue one unmasked WebSocket frame. Data frames are not queued once a close frame was sent. */
+/* Queue one unmasked WebSocket frame. Data frames are not queued once a close frame was sent. A
+ * data frame to a peer that negotiated permessage-deflate is compressed when the route's settings
+ * find it worth it. p is copied. */
 void conn_send_frame(struct conn *c, int opcode, const void *p, size_t len);
 /* Fail or close the WebSocket: queue a close frame with code and reason (once), stop reading data,
  * and end the connection once it is written (and, when we started the close, answered). */

@@ -26,6 +26,8 @@ struct route *route_new(enum route_kind kind, const char *path)
     r->path = xstrdup(path);
     r->path_len = strlen(path);
     r->prefix = r->path_len > 0 && path[r->path_len - 1] == '/';
+    r->deflate_min_size = ROUTE_DEFLATE_MIN_SIZE;
+    r->deflate_level = ROUTE_DEFLATE_LEVEL;
     return r;
 }
 
@@ -239,6 +241,9 @@ int route_adopt(struct route **routes, size_t n, struct route *const *old, size_
                 continue;
             o->publish = r->publish;
             o->require_token = r->require_token;
+            o->deflate = r->deflate;
+            o->deflate_min_size = r->deflate_min_size;
+            o->deflate_level = r->deflate_level;
             for (size_t k = 0; k < o->norigins; k++)
                 free(o->origins[k]);
             free(o->origins);

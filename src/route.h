@@ -17,6 +17,12 @@ struct http_request;
 
 enum route_kind { ROUTE_PUBSUB, ROUTE_RAW, ROUTE_ECHO, ROUTE_SCRIPT, ROUTE_SSE };
 
+/* permessage-deflate defaults for a route: messages shorter than this many bytes are sent as they
+ * are (below it a typical JSON message saves a few dozen bytes, while every receiver still pays for
+ * an inflate call), and zlib's own default level. */
+#define ROUTE_DEFLATE_MIN_SIZE 256
+#define ROUTE_DEFLATE_LEVEL 6
+
 /* route_payload's opcode for bytes that go out as they are, with no WebSocket frame (SSE). */
 #define ROUTE_OP_UNFRAMED (-1)
 
@@ -30,6 +36,9 @@ struct route {
     int require_token;   /* clients need a signed token granting the channels they use */
     char **origins;      /* allowed Origin values; NULL: any */
     size_t norigins;
+    int deflate;         /* WebSocket routes: permessage-deflate may be negotiated */
+    size_t deflate_min_size; /* messages shorter than this are sent uncompressed */
+    int deflate_level;   /* zlib compression level, 1..9 */
     char *script;        /* script routes: the script's path */
     void *script_state;  /* script routes: the Lua state (script.c) */
     uint64_t messages;   /* messages received from clients on this route */

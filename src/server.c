@@ -6,6 +6,7 @@
 #include "channel.h"
 #include "config.h"
 #include "conn.h"
+#include "deflate.h"
 #include "http.h"
 #include "json.h"
 #include "log.h"
@@ -495,6 +496,16 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         respond_text(c, rc, status, why ? why : "refused", NULL);
         return;
     }
+    /* permessage-deflate, where the route allows it: the first acceptable offer, whichever of the
+     * request's Sec-WebSocket-Extensions headers it is in. */
+    struct pmd_params pmd = {0};
+    for (size_t i = 0; r->deflate && !pmd.server_bits && i < req->num_headers; i++) {
+        const struct http_header *h = &req->headers[i];
+        char ext[PMD_RESPONSE_MAX];
+        if (h->name_len == 24 && strncasecmp(h->name, "sec-websocket-extensions", 24) == 0 &&
+            pmd_negotiate(h->value, h->value_len, &pmd, ext, sizeof(ext)))
+            buf_printf(&headers, "Sec-WebSocket-Extensions: %s\r\n", ext);
+    }
     char accept[29];
     ws_accept_key(key, key_len, accept);
     out.len = 0;
@@ -508,6 +519,11 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
     c->state = CONN_WS;
     c->route = route_ref(r);
     ws_parser_init(&c->wp, WS_ROLE_SERVER, cfg->max_message);
+    if (pmd.server_bits) {
+        c->pmd = pmd;
+        c->wp.deflate = 1;
+        pmd_stats.websockets++;
+    }
     conn_set_timeout_class(c, CONN_TO_WS);
     stats.websockets++;
     c->is_ws = 1;
@@ -791,17 +807,47 @@ static size_t process_http(struct conn *c, char *data, size_t len)
 
 /* --- WebSocket frames --------------------------------------------------------------------------- */
 
+/* Inflate a piece of a compressed message into c->message, which holds it whole once inflated.
+ * The inflater is made at the connection's first compressed message, so connections that never
+ * send one hold no zlib state. Returns 0, or -1 when the connection was failed (invalid data,
+ * invalid UTF-8, or more than max_message once inflated, which is caught before it is all out). */
+static int ws_inflate_chunk(struct conn *c, const struct ws_event *ev)
+{
+    if (!c->inflater)
+        c->inflater = pmd_inflater_new(c->pmd.client_bits, c->pmd.client_no_context_takeover);
+    const char *why;
+    int code = pmd_inflate(c->inflater, ev->data, ev->len, ev->fin, ev->opcode == WS_OP_TEXT, c->message,
+                           cfg->max_message, &why);
+    if (!code)
+        return 0;
+    buf_free(c->message);
+    free(c->message);
+    c->message = NULL;
+    stats.protocol_errors++;
+    if (code == WS_CLOSE_TOO_BIG)
+        stats.messages_too_big++;
+    log_debug("conn %llu: %s (closing with %d)", (unsigned long long)c->id, why, code);
+    /* Failed, as a parser error fails it: the rest of the input is not read, and the connection
+     * ends once the close frame is out rather than waiting for the client's. */
+    c->read_shut = 1;
+    conn_ws_close(c, (uint16_t)code, why);
+    return -1;
+}
+
 static void ws_message_chunk(struct conn *c, const struct ws_event *ev)
 {
     if (c->close_sent)
         return; /* closing: data is no longer read, only the peer's close frame */
-    if (ev->fin && !c->message) {
+    if (ev->fin && !c->message && !ev->compressed) {
         route_message(c, ev->data, ev->len, ev->opcode == WS_OP_BINARY);
         return;
     }
     if (!c->message)
         c->message = xcalloc(1, sizeof(*c->message));
-    buf_append(c->message, ev->data, ev->len);
+    if (!ev->compressed)
+        buf_append(c->message, ev->data, ev->len);
+    else if (ws_inflate_chunk(c, ev) < 0)
+        return;
     if (ev->fin) {
         struct buf *m = c->message;
         c->message = NULL;
@@ -967,6 +1013,12 @@ static void on_timeout(struct conn *c)
         if (c->awaiting_pong) {
             conn_ws_close(c, WS_CLOSE_GOING_AWAY, "ping timeout");
             return;
+        }
+        /* Idle: an inflater that keeps no context from one message to the next is given back
+         * until the client sends compressed data again. */
+        if (c->inflater && c->pmd.client_no_context_takeover && pmd_inflater_idle(c->inflater)) {
+            pmd_inflater_free(c->inflater);
+            c->inflater = NULL;
         }
         c->awaiting_pong = 1;
         conn_send_frame(c, WS_OP_PING, "", 0);
@@ -1229,6 +1281,8 @@ int server_start(struct ev_loop *l, struct config *c, char *err, size_t errlen)
     apply_limits();
     static const struct stats_section routes = {routes_json, routes_prom, NULL};
     stats_add_section(&routes);
+    static const struct stats_section deflate_figures = {pmd_stats_json, pmd_stats_prom, NULL};
+    stats_add_section(&deflate_figures);
     redis_src_configure(loop, cfg);
     tail_configure(loop, cfg);
     ev_io_init(&listen_io, on_accept, fd, EV_READ);

@@ -255,6 +255,18 @@ static int ws_payload(struct ws_parser *p, uint8_t *buf, size_t len, size_t off,
     return 1;
 }
 
+/* The most payload bytes a message may take on the wire. A compressed message is limited by its
+ * inflated size, which whoever inflates it checks against max_message; its compressed bytes may
+ * be a little more than that (deflate expands data it cannot compress by at most an eighth, with
+ * fixed codes of up to 9 bits per byte), so a message of max_message bytes always gets through. */
+static uint64_t ws_wire_limit(const struct ws_parser *p, int compressed)
+{
+    uint64_t limit = p->max_message + (p->max_message >> 3) + 64;
+    if (!compressed)
+        return p->max_message;
+    return limit < p->max_message ? UINT64_MAX : limit;
+}
+
 int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, struct ws_event *ev)
 {
     size_t off = 0;
@@ -327,8 +339,9 @@ int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, st
             if (plen <= 0xFFFF)
                 return ws_fail(p, WS_ERR_LENGTH_NOT_MINIMAL, len, consumed, ev);
         }
-        /* message_len is 0 for a new message and never exceeds max_message, so no overflow. */
-        if (op < WS_OP_CLOSE && plen > p->max_message - p->message_len)
+        /* message_len is 0 for a new message and never exceeds the limit, so no overflow. */
+        if (op < WS_OP_CLOSE && plen > ws_wire_limit(p, op == WS_OP_CONT ? p->compressed : (h[0] & 0x40) != 0) -
+                                           p->message_len)
             return ws_fail(p, WS_ERR_TOO_BIG, len, consumed, ev);
         if (masked)
             hlen += 4;

@@ -71,7 +71,9 @@ int ws_utf8_valid(const uint8_t *p, size_t len);
 struct ws_parser {
     uint64_t frame_left;   /* payload bytes of the current data frame still to come */
     uint64_t message_len;  /* bytes of the current message handed out so far */
-    uint64_t max_message;  /* a message longer than this fails with 1009 */
+    uint64_t max_message;  /* a message longer than this fails with 1009 (a compressed one's
+                            * payload may be up to an eighth more: its inflated size is checked
+                            * by the inflater) */
     uint32_t utf8_state;
     uint8_t mask[4];
     uint8_t mask_pos;      /* offset into mask for the next payload byte */

@@ -2,6 +2,7 @@
  * the peer side parsed by the client-role frame parser. */
 #include "channel.h"
 #include "conn.h"
+#include "deflate.h"
 #include "route.h"
 #include "stats.h"
 #include "test.h"
@@ -222,6 +223,128 @@ static void test_slow_consumer(struct route *raw)
     close(fast.fd);
 }
 
+/* Read every whole message p has been sent into out ("|" after each), inflating compressed ones
+ * with f; *compressed counts those. Returns the number of messages, -1 on anything else. */
+static int peer_read_deflate(struct peer *p, struct pmd_inflater *f, char *out, size_t cap, int *compressed)
+{
+    int messages = 0;
+    size_t out_len = 0;
+    struct buf msg = {0};
+    out[0] = 0;
+    for (;;) {
+        ssize_t n = read(p->fd, p->pending + p->pending_len, sizeof(p->pending) - p->pending_len);
+        if (n <= 0)
+            break;
+        p->pending_len += (size_t)n;
+        size_t off = 0;
+        for (;;) {
+            struct ws_event ev;
+            size_t used;
+            const char *why;
+            int got = ws_parse(&p->wp, p->pending + off, p->pending_len - off, &used, &ev);
+            off += used;
+            if (!got)
+                break;
+            if (ev.type != WS_EV_DATA) {
+                CHECK(!"peer saw something other than data");
+                buf_free(&msg);
+                return -1;
+            }
+            if (ev.compressed)
+                CHECK_EQ(pmd_inflate(f, ev.data, ev.len, ev.fin, 1, &msg, 1 << 20, &why), 0);
+            else
+                buf_append(&msg, ev.data, ev.len);
+            if (ev.fin) {
+                if (out_len + msg.len + 2 < cap) {
+                    memcpy(out + out_len, msg.data, msg.len);
+                    out_len += msg.len;
+                    out[out_len++] = '|';
+                    out[out_len] = 0;
+                }
+                messages++;
+                *compressed += ev.compressed;
+                msg.len = 0;
+            }
+        }
+        memmove(p->pending, p->pending + off, p->pending_len - off);
+        p->pending_len -= off;
+    }
+    buf_free(&msg);
+    return messages;
+}
+
+/* Subscribers that negotiated permessage-deflate get each message compressed once per window size,
+ * shared by reference like the plain frame; short messages go uncompressed; plain subscribers of
+ * the same channel and route are unaffected. */
+static void test_fanout_deflate(void)
+{
+    struct route *r = route_new(ROUTE_RAW, "/z/");
+    r->deflate = 1;
+    r->deflate_min_size = 20;
+    struct peer z1, z2, z10, plain;
+    struct peer *all[] = {&z1, &z2, &z10, &plain};
+    static const uint8_t bits[] = {15, 15, 10, 0};
+    struct pmd_inflater *inflaters[4];
+    for (int i = 0; i < 4; i++) {
+        peer_open(all[i], r);
+        all[i]->conn->pmd.server_bits = bits[i]; /* as the handshake sets it */
+        all[i]->wp.deflate = bits[i] != 0;        /* the plain peer fails on any RSV1 */
+        inflaters[i] = pmd_inflater_new(15, 1);
+        CHECK_EQ(chan_subscribe(all[i]->conn, "zipped", 6), 1);
+    }
+    const char *a = "a message long enough to be compressed: compressed, compressed, compressed";
+    const char *b = "and another one, long enough to be compressed too: too, too, too, too";
+    uint64_t before = pmd_stats.compressed, plain_before = pmd_stats.not_compressed;
+    publish("zipped", a);
+    publish("zipped", "short");
+    publish("zipped", b);
+    chan_settle();
+    /* Two messages, two window sizes: four compressions, whatever the number of subscribers. */
+    CHECK_EQ(pmd_stats.compressed - before, 4);
+    CHECK_EQ(pmd_stats.not_compressed - plain_before, 2);
+    for (int i = 0; i < 4; i++)
+        CHECK_EQ(all[i]->conn->q_len, 1);
+    struct block *blk[4];
+    for (int i = 0; i < 4; i++)
+        blk[i] = all[i]->conn->q[all[i]->conn->q_head].blk;
+    CHECK(blk[0] == blk[1]);
+    CHECK(blk[0] != blk[2] && blk[0] != blk[3] && blk[2] != blk[3]);
+    conn_flush_all();
+    char expect[512], got[4096];
+    snprintf(expect, sizeof(expect), "%s|short|%s|", a, b);
+    for (int i = 0; i < 4; i++) {
+        int compressed = 0;
+        CHECK_EQ(peer_read_deflate(all[i], inflaters[i], got, sizeof(got), &compressed), 3);
+        CHECK(strcmp(got, expect) == 0);
+        CHECK_EQ(compressed, bits[i] ? 2 : 0);
+    }
+    /* A subscriber that joins later with a window already in use joins that group. */
+    struct peer late;
+    peer_open(&late, r);
+    late.conn->pmd.server_bits = 10;
+    late.wp.deflate = 1;
+    chan_subscribe(late.conn, "zipped", 6);
+    publish("zipped", a);
+    chan_settle();
+    CHECK(late.conn->q[late.conn->q_head].blk == z10.conn->q[z10.conn->q_head].blk);
+    conn_flush_all();
+    struct pmd_inflater *lf = pmd_inflater_new(15, 1);
+    int compressed = 0;
+    CHECK_EQ(peer_read_deflate(&late, lf, got, sizeof(got), &compressed), 1);
+    CHECK_EQ(compressed, 1);
+    pmd_inflater_free(lf);
+    conn_close_now(late.conn);
+    close(late.fd);
+    for (int i = 0; i < 4; i++) {
+        conn_close_now(all[i]->conn);
+        close(all[i]->fd);
+        pmd_inflater_free(inflaters[i]);
+    }
+    pass();
+    CHECK_EQ(chan_subscription_count(), 0);
+    route_unref(r);
+}
+
 int main(void)
 {
     loop = ev_default_loop(0);
@@ -231,6 +354,7 @@ int main(void)
     struct route *raw = route_new(ROUTE_RAW, "/sub/");
     test_fanout(raw);
     test_slow_consumer(raw);
+    test_fanout_deflate();
     route_unref(raw);
     return TEST_REPORT();
 }

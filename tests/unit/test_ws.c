@@ -987,6 +987,96 @@ static void test_max_message(void)
     }
 }
 
+/* permessage-deflate's RSV1: allowed on a data message's first frame once negotiated, nowhere
+ * else; a compressed message's bytes are not UTF-8-checked here, and may exceed max_message by
+ * deflate's worst-case expansion. */
+static void test_rsv1(void)
+{
+    uint8_t buf[1024], pl[300];
+    struct ws_parser p;
+    struct ws_event ev;
+    size_t used, n;
+
+    memset(pl, 0xff, sizeof(pl)); /* not UTF-8 */
+    /* Not negotiated: RSV1 is a protocol error. */
+    n = put_frame(buf, WS_OP_TEXT | WS_FRAME_RSV1, 1, "abc", 3, WS_ROLE_SERVER);
+    ws_parser_init(&p, WS_ROLE_SERVER, 100);
+    CHECK_EQ(ws_parse(&p, buf, n, &used, &ev), 1);
+    CHECK(ev.type == WS_EV_ERROR && ev.code == 1002);
+
+    /* Negotiated: a fragmented compressed text message, a ping between, then a plain one. */
+    ws_parser_init(&p, WS_ROLE_SERVER, 100);
+    p.deflate = 1;
+    n = put_frame(buf, WS_OP_TEXT | WS_FRAME_RSV1, 0, pl, 10, WS_ROLE_SERVER);
+    n += put_frame(buf + n, WS_OP_PING, 1, "x", 1, WS_ROLE_SERVER);
+    n += put_frame(buf + n, WS_OP_CONT, 1, pl, 10, WS_ROLE_SERVER);
+    n += put_frame(buf + n, WS_OP_TEXT, 1, "plain", 5, WS_ROLE_SERVER);
+    size_t off = 0;
+    int data = 0, compressed = 0, plain = 0;
+    while (off < n && ws_parse(&p, buf + off, n - off, &used, &ev)) {
+        off += used;
+        CHECK(ev.type != WS_EV_ERROR);
+        if (ev.type == WS_EV_DATA && ev.len) {
+            data++;
+            compressed += ev.compressed;
+            plain += !ev.compressed && ev.len == 5 && memcmp(ev.data, "plain", 5) == 0;
+        }
+    }
+    CHECK_EQ(off, n);
+    CHECK_EQ(data, 3);
+    CHECK_EQ(compressed, 2);
+    CHECK_EQ(plain, 1);
+
+    /* RSV1 on a continuation, on a control frame; RSV2 and RSV3 are never allowed. */
+    static const int bad_ops[] = {WS_OP_PING, WS_OP_PONG, WS_OP_CLOSE};
+    for (int i = 0; i < 3; i++) {
+        ws_parser_init(&p, WS_ROLE_SERVER, 100);
+        p.deflate = 1;
+        n = put_frame(buf, bad_ops[i] | WS_FRAME_RSV1, 1, "", 0, WS_ROLE_SERVER);
+        CHECK_EQ(ws_parse(&p, buf, n, &used, &ev), 1);
+        CHECK(ev.type == WS_EV_ERROR && ev.code == 1002);
+    }
+    ws_parser_init(&p, WS_ROLE_SERVER, 100);
+    p.deflate = 1;
+    n = put_frame(buf, WS_OP_BINARY | WS_FRAME_RSV1, 0, pl, 5, WS_ROLE_SERVER);
+    off = n;
+    n += put_frame(buf + n, WS_OP_CONT | WS_FRAME_RSV1, 1, pl, 5, WS_ROLE_SERVER);
+    CHECK_EQ(ws_parse(&p, buf, n, &used, &ev), 1);
+    CHECK(ev.type == WS_EV_DATA && ev.compressed);
+    CHECK_EQ(ws_parse(&p, buf + off, n - off, &used, &ev), 1);
+    CHECK(ev.type == WS_EV_ERROR && ev.code == 1002);
+    for (int bit = 0x10; bit <= 0x20; bit <<= 1) {
+        ws_parser_init(&p, WS_ROLE_SERVER, 100);
+        p.deflate = 1;
+        n = put_frame(buf, WS_OP_TEXT, 1, "abc", 3, WS_ROLE_SERVER);
+        buf[0] |= (uint8_t)bit;
+        CHECK_EQ(ws_parse(&p, buf, n, &used, &ev), 1);
+        CHECK(ev.type == WS_EV_ERROR && ev.code == 1002);
+    }
+
+    /* The wire limit: max_message for a plain message, plus an eighth and 64 for a compressed one
+     * (100 + 12 + 64 = 176), across fragments too. */
+    for (int sz = 175; sz <= 177; sz++) {
+        ws_parser_init(&p, WS_ROLE_SERVER, 100);
+        p.deflate = 1;
+        n = put_frame(buf, WS_OP_BINARY | WS_FRAME_RSV1, 0, pl, 100, WS_ROLE_SERVER);
+        off = n;
+        n += put_frame(buf + n, WS_OP_CONT, 1, pl, (size_t)sz - 100, WS_ROLE_SERVER);
+        CHECK_EQ(ws_parse(&p, buf, off, &used, &ev), 1);
+        CHECK(ev.type == WS_EV_DATA);
+        CHECK_EQ(ws_parse(&p, buf + off, n - off, &used, &ev), 1);
+        if (sz <= 176)
+            CHECK(ev.type == WS_EV_DATA && ev.fin && ev.compressed);
+        else
+            CHECK(ev.type == WS_EV_ERROR && ev.code == 1009);
+    }
+    ws_parser_init(&p, WS_ROLE_SERVER, 100);
+    p.deflate = 1;
+    n = put_frame(buf, WS_OP_BINARY, 1, pl, 101, WS_ROLE_SERVER);
+    CHECK_EQ(ws_parse(&p, buf, n, &used, &ev), 1);
+    CHECK(ev.type == WS_EV_ERROR && ev.code == 1009);
+}
+
 static void test_close_parse(void)
 {
     uint8_t b[256];
@@ -1291,6 +1381,7 @@ int main(void)
     test_utf8_fragments();
     test_errors();
     test_max_message();
+    test_rsv1();
     test_close_parse();
     test_close_frame();
     test_close_code_valid();
