@@ -22,7 +22,7 @@ function fit(canvas) {
 function niceMax(v) {
   if (v <= 0) return 1;
   const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
+  for (const m of [1, 2, 4, 5, 6, 8, 10]) if (v <= m * p) return m * p;
   return 10 * p;
 }
 
@@ -65,16 +65,18 @@ export class LineChart {
   draw() {
     const { ctx, w, h } = fit(this.canvas);
     if (!w || !h) return;
-    const pad = { left: 44, right: 10, top: 10, bottom: 22 };
-    const cw = w - pad.left - pad.right;
-    const ch = h - pad.top - pad.bottom;
     const peak = Math.max(0, ...this.series.flatMap((s) => s.values));
     const top = niceMax(peak * 1.1);
     const muted = cssVar("--muted");
     const grid = cssVar("--border");
+    ctx.font = "11px " + cssVar("--sans");
+    const labels = [0, 1, 2, 3, 4].map((i) => this.format((top * i) / 4));
+    const labelWidth = Math.max(...labels.map((l) => ctx.measureText(l).width));
+    const pad = { left: Math.ceil(labelWidth) + 12, right: 10, top: 10, bottom: 22 };
+    const cw = w - pad.left - pad.right;
+    const ch = h - pad.top - pad.bottom;
 
     // grid and y labels
-    ctx.font = "11px " + cssVar("--sans");
     ctx.textBaseline = "middle";
     ctx.textAlign = "right";
     for (let i = 0; i <= 4; i++) {
@@ -86,7 +88,7 @@ export class LineChart {
       ctx.lineTo(w - pad.right, Math.round(y) + 0.5);
       ctx.stroke();
       ctx.fillStyle = muted;
-      ctx.fillText(this.format((top * i) / 4), pad.left - 6, y);
+      ctx.fillText(labels[i], pad.left - 6, y);
     }
     // x labels: seconds ago
     ctx.textAlign = "center";
