@@ -197,7 +197,7 @@ export function showStatus(conn, el) {
   render();
 }
 
-/** A short notice at the bottom of the screen; returns its element. */
+/** A short notice under the top bar; returns its element. */
 export function toast(text, { kind = "", ms = 3000, sticky = false } = {}) {
   let box = document.querySelector(".toasts");
   if (!box) {

@@ -1,7 +1,7 @@
 // The front page: the broker's figures and each demo's, live from the /dashboard route, and the
 // messages of channel "news" as they are published.
 
-import { connect, showStatus } from "./herald.js";
+import { connect, showStatus, wsURL } from "./herald.js";
 import { compact, duration, el } from "./ui.js";
 
 const figure = (scope, name) => scope.querySelector(`[data-fig="${name}"]`);
@@ -56,8 +56,10 @@ dashboard.on("message", (stats) => {
 });
 
 // The shell command, with this server's address, and the channel it publishes to.
-document.querySelector("#curl").textContent =
-  `curl -d 'hello, world' ${location.protocol}//${location.host}/pub/news`;
+for (const code of document.querySelectorAll("#curl, #js")) {
+  code.textContent = code.textContent.replace("http://127.0.0.1:8080", location.origin)
+    .replace("ws://127.0.0.1:8080", wsURL("/").slice(0, -1));
+}
 
 const list = document.querySelector("#news");
 const news = connect("/sub/news", { json: false });

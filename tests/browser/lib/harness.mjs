@@ -212,7 +212,8 @@ export async function newPage(context, { viewport = DESKTOP, colorScheme = "ligh
  *  fullPage, else of the window). */
 export async function screenshot(page, name, { fullPage = false } = {}) {
   mkdirSync(ARTIFACTS, { recursive: true });
-  await page.screenshot({ path: path.join(ARTIFACTS, name + ".png"), fullPage });
+  await page.bringToFront(); // a page in the background has its animations held back
+  await page.screenshot({ path: path.join(ARTIFACTS, name + ".png"), fullPage, animations: "disabled" });
 }
 
 /** Wait until the page's connection indicator says it is connected. */
