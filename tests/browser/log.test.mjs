@@ -6,14 +6,14 @@ import test from "node:test";
 import { PHONE, newPage, screenshot, waitConnected, withSetup } from "./lib/harness.mjs";
 
 let n = 0;
-function line(path, status, { method = "GET", size = 1234, agent = "browser-test/1.0" } = {}) {
+function line(path, status, { method = "GET", size = 1234, agent = "browser-test/1.0", client } = {}) {
   const t = new Date();
   const months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
   const p2 = (v) => String(v).padStart(2, "0");
   const when = `${p2(t.getUTCDate())}/${months[t.getUTCMonth()]}/${t.getUTCFullYear()}:` +
     `${p2(t.getUTCHours())}:${p2(t.getUTCMinutes())}:${p2(t.getUTCSeconds())} +0000`;
   n++;
-  return `10.1.2.${n % 250} - - [${when}] "${method} ${path} HTTP/1.1" ${status} ${size} "-" "${agent}"`;
+  return `${client || "10.1.2." + (n % 250)} - - [${when}] "${method} ${path} HTTP/1.1" ${status} ${size} "-" "${agent}"`;
 }
 
 const row = (page, path) => page.locator("#rows tr", { has: page.locator(`td.path[title="${path}"]`) });
@@ -27,13 +27,15 @@ test("log: live rows, colours, filter, pause, sparkline, bounded table", { timeo
 
     // Appended lines appear within a second, parsed into columns.
     const started = Date.now();
-    herald.appendTail(line("/t/alpha", 200), line("/t/beta", 404, { method: "POST" }), line("/t/gamma", 503, { size: 0 }));
+    herald.appendTail(line("/t/alpha", 200), line("/t/beta", 404, { method: "POST", client: "10.9.8.7" }), line("/t/gamma", 503, { size: 0 }),
+      line("/t/upgrade", 101, { size: 0 }));
     await row(page, "/t/gamma").waitFor({ timeout: 5000 });
     await row(page, "/t/alpha").waitFor({ timeout: 5000 });
+    await row(page, "/t/upgrade").waitFor({ timeout: 5000 }); // a WebSocket handshake is shown too
     const took = Date.now() - started;
     assert.ok(took < 1000, `the lines took ${took} ms to show`);
     const cells = await row(page, "/t/beta").locator("td").allTextContents();
-    assert.equal(cells[1], "10.1.2." + (n - 1) % 250);
+    assert.equal(cells[1], "10.9.8.7");
     assert.equal(cells[2], "POST");
     assert.equal(cells[4], "404");
     assert.equal(cells[5], "1.2 KB");

@@ -19,7 +19,7 @@ let held = [];            // lines that came while paused, oldest first
 let paused = false;
 let total = 0;
 let errors = 0;
-const classes = new Set(["2", "3", "4", "5"]); // status classes shown
+const classes = new Set(["1", "2", "3", "4", "5"]); // status classes shown
 const perSecond = new Array(SPARK_SECONDS).fill(0); // lines that arrived in each of the last seconds
 
 // --- one row per line ---------------------------------------------------------------------------
