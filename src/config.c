@@ -334,7 +334,8 @@ static void load_limits(struct loader *ld, struct config *cfg)
 
 static void load_routes(struct loader *ld, struct config *cfg)
 {
-    static const char *const keys[] = {"path", "kind", "script", "publish", "origins", "auth", NULL};
+    static const char *const keys[] = {"path", "kind", "script", "publish", "origins", "auth",
+                                       "authorize", NULL};
     lua_State *L = ld->L;
     if (get_global(ld, "routes") == LUA_TNIL) {
         lua_pop(L, 1);
@@ -359,6 +360,8 @@ static void load_routes(struct loader *ld, struct config *cfg)
         const char *script = pop_string(ld, 0);
         get_field(ld, name, "publish");
         int publish = pop_bool(ld, 0);
+        get_field(ld, name, "authorize");
+        const char *authorize = pop_string(ld, 0);
         get_field(ld, name, "auth");
         const char *auth = pop_string(ld, 0);
         if (auth && strcmp(auth, "token") != 0)
@@ -391,15 +394,21 @@ static void load_routes(struct loader *ld, struct config *cfg)
             fail(ld, "auth = \"token\" needs jwt_secret to be set");
         get_field(ld, name, "origins");
         pop_string_list(ld, &r->origins, &r->norigins, 0);
+        snprintf(ld->where, sizeof(ld->where), "%s", name);
         if (k == ROUTE_SSE && !r->prefix)
             fail(ld, "an sse route's path must end in / (/sse/<channel>, or /sse/?channels=a,b)");
         if (k == ROUTE_RAW && !r->prefix)
             fail(ld, "a raw route's path must end in / (the rest of the path names the channel)");
-        if (k == ROUTE_SCRIPT) {
-            r->script = resolve(cfg, script);
+        if (authorize && k == ROUTE_SCRIPT)
+            fail(ld, "a script route's authorize hook is in its script (drop authorize =)");
+        if (authorize && k == ROUTE_ECHO)
+            fail(ld, "an echo route has no channels to authorize");
+        if (k == ROUTE_SCRIPT || authorize) {
+            /* A built-in route's authorize script runs like a script route's, in a state of its own. */
+            r->script = resolve(cfg, script ? script : authorize);
             struct stat st;
             if (stat(r->script, &st) < 0)
-                fail(ld, "script %s: %s", r->script, strerror(errno));
+                fail(ld, "%s %s: %s", script ? "script" : "authorize", r->script, strerror(errno));
         }
         for (size_t j = 0; j + 1 < cfg->nroutes; j++)
             if (strcmp(cfg->routes[j]->path, r->path) == 0)

@@ -132,7 +132,7 @@ int main(int argc, char **argv)
     loop = ev_default_loop(EVFLAG_AUTO);
     script_init(loop);
     for (size_t i = 0; i < cfg.nroutes; i++) {
-        if (cfg.routes[i]->kind == ROUTE_SCRIPT && script_load(cfg.routes[i], err, sizeof(err)) < 0) {
+        if (cfg.routes[i]->script && script_load(cfg.routes[i], err, sizeof(err)) < 0) {
             fprintf(stderr, "herald: %s\n", err);
             config_free(&cfg);
             return 1;

@@ -537,8 +537,9 @@ static int sse_channel(const char *name, size_t len, void *arg)
         x->status = 400;
         return 1;
     }
-    if (!route_allows(x->r, x->c, AUTH_SUBSCRIBE, name, len)) {
-        x->why = "the token does not grant this channel";
+    if (!route_allows(x->r, x->c, AUTH_SUBSCRIBE, name, len, &x->why)) {
+        if (!x->why)
+            x->why = "not allowed to subscribe to this channel";
         x->status = 403;
         return 1;
     }
@@ -614,6 +615,7 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
         each_name(list.data, list.len, sse_channel, &x);
     if (x.status) {
         buf_free(&list);
+        script_refused(c, r);
         respond_text(c, rc, x.status, x.why, NULL);
         return;
     }
