@@ -752,6 +752,17 @@ static int open_libs(lua_State *L)
     return 0;
 }
 
+static int one_line(char *err);
+
+/* Read the chunk's globals into cfg: 0, or -1 with the message in ld->err. */
+static int read_values(struct loader *ld, struct config *cfg)
+{
+    if (setjmp(ld->fail))
+        return -1;
+    load_all(ld, cfg);
+    return 0;
+}
+
 /* Close the chunk's state with its memory bound back in place: its finalizers run now. */
 static void close_state(lua_State *L, struct vm *vm)
 {
@@ -812,19 +823,24 @@ int config_load_buffer(const char *file, const char *text, size_t len, const str
     if (rc != LUA_OK) {
         chunk_failed(L, rc, file, env, err, errlen);
         close_state(L, vm);
-        return -1;
+        return one_line(err);
     }
     lua_pushglobaltable(L);
     lua_pushnil(L);
     lua_setmetatable(L, -2);
     lua_pop(L, 1);
-    if (setjmp(ld.fail)) {
-        close_state(L, vm);
-        return -1;
-    }
-    load_all(&ld, cfg);
+    int failed = read_values(&ld, cfg);
     close_state(L, vm);
-    return 0;
+    return failed ? one_line(err) : 0;
+}
+
+/* Messages are one line whatever the chunk put in its strings. */
+static int one_line(char *err)
+{
+    for (char *p = err; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = ' ';
+    return -1;
 }
 
 int config_load(const char *file, struct config *cfg, char *err, size_t errlen)
