@@ -49,6 +49,12 @@ static size_t collect(struct figure *f)
         stats.connections_refused);
     FIG("connections_refused_per_ip", COUNTER, "Connections refused over max_connections_per_ip",
         stats.connections_refused_per_ip);
+    FIG("accept_errors", COUNTER, "Connections refused for want of file descriptors",
+        stats.accept_errors);
+    FIG("http_timeouts", COUNTER, "HTTP connections closed by http_timeout (slow or idle)",
+        stats.http_timeouts);
+    FIG("ping_timeouts", COUNTER, "WebSockets closed for not answering a ping", stats.ping_timeouts);
+    FIG("heads_too_big", COUNTER, "Requests refused over max_head or max_headers", stats.heads_too_big);
     FIG("subscription_limit_hits", COUNTER, "Subscriptions refused over max_subscriptions",
         stats.subscription_limit_hits);
     FIG("auth_refused", COUNTER, "Requests refused by origin, token or grant checks", stats.auth_refused);
@@ -71,7 +77,7 @@ static size_t collect(struct figure *f)
     return n;
 }
 
-#define MAX_FIGURES 32
+#define MAX_FIGURES 48
 
 void stats_render_json(struct buf *out)
 {
