@@ -166,12 +166,13 @@ int main(int argc, char **argv)
     if (cfg.log_level)
         log_set_level((enum log_level)log_level_parse(cfg.log_level));
     signal(SIGPIPE, SIG_IGN);
-    raise_fd_limit(cfg.max_connections);
     if (server_start(loop, &cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "herald: %s\n", err);
         config_free(&cfg);
         return 1;
     }
+    /* Once listening (so that a start-up error stays the only line), before the first accept. */
+    raise_fd_limit(cfg.max_connections);
     ev_signal sigint, sigterm, sighup;
     ev_signal_init(&sigint, on_stop_signal, SIGINT);
     ev_signal_init(&sigterm, on_stop_signal, SIGTERM);
