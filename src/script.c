@@ -546,6 +546,27 @@ static int l_no_sethook(lua_State *L)
     return luaL_error(L, "debug.sethook is not available to herald scripts");
 }
 
+/* Lua runs finalizers with hooks off, so the instruction bound could not stop a __gc that loops:
+ * setmetatable refuses a metatable with one, and debug.setmetatable is not there. */
+static int l_setmetatable(lua_State *L)
+{
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_error(L, "__gc metamethods are not available to herald scripts");
+        lua_pop(L, 1);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+static int l_no_debug_setmetatable(lua_State *L)
+{
+    return luaL_error(L, "debug.setmetatable is not available to herald scripts");
+}
+
 /* --- timers ------------------------------------------------------------------------------------- */
 
 static void timer_cb(struct ev_loop *l, ev_timer *w, int revents);
@@ -780,7 +801,13 @@ static int subscription(lua_State *L, int subscribe)
         lua_pushboolean(L, 1);
         return 1;
     }
-    lua_pushboolean(L, subscribe ? chan_subscribe(cl->c, name, len) : chan_unsubscribe(cl->c, name, len));
+    int rc = subscribe ? chan_subscribe(cl->c, name, len) : chan_unsubscribe(cl->c, name, len);
+    if (rc < 0) { /* counted in subscription_limit_hits */
+        lua_pushnil(L);
+        lua_pushliteral(L, "subscription limit reached for this connection");
+        return 2;
+    }
+    lua_pushboolean(L, rc);
     return 1;
 }
 
@@ -929,7 +956,12 @@ static int setup(lua_State *L)
     lua_getglobal(L, "debug");
     lua_pushcfunction(L, l_no_sethook);
     lua_setfield(L, -2, "sethook");
+    lua_pushcfunction(L, l_no_debug_setmetatable);
+    lua_setfield(L, -2, "setmetatable");
     lua_pop(L, 1);
+    lua_getglobal(L, "setmetatable");
+    lua_pushcclosure(L, l_setmetatable, 1);
+    lua_setglobal(L, "setmetatable");
     lua_pushcfunction(L, l_print);
     lua_setglobal(L, "print");
 

@@ -2,6 +2,7 @@
 timeouts (slowloris), oversized heads and messages, running out of file descriptors; and a peer
 that resets while the broker writes to it (SIGPIPE). Per-address connections, subscriptions per
 connection and the message rate are in test_access.py, the send queue in test_fanout.py."""
+import json
 import os
 import resource
 import select
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from herald_util import HOST, OP_BINARY, OP_TEXT, RawWS, Herald
+from herald_util import HOST, OP_BINARY, OP_TEXT, REPO, RawWS, Herald
 
 
 def wait_for(pred, timeout=5.0, step=0.02):
@@ -204,3 +205,21 @@ def test_reset_while_writing_does_not_stop_the_broker(herald):
             herald.publish("pipe", os.urandom(1000000))
     assert herald.proc.poll() is None
     assert herald.wait_stats(lambda s: s["connections"] == 1)["websockets"] == 0
+
+
+# --- subscriptions on a script route -----------------------------------------------------------------
+
+@pytest.mark.herald(limits={"max_subscriptions": 2},
+                    routes=[{"path": "/lua", "script": str(REPO / "tests" / "scripts" / "authz_route.lua")}])
+def test_subscription_limit_on_a_script_route(herald):
+    """client:subscribe past max_subscriptions returns nil and the reason (authz_route.lua sends
+    back what each subscribe returned)."""
+    with RawWS(herald.port, "/lua") as ws:
+        assert json.loads(ws.recv_message()[1]) == {"hook": "open", "results": {}}
+        for name, expect in (("public:1", {"ok": True}), ("public:2", {"ok": True}),
+                             ("public:3", {"err": "subscription limit reached for this connection"}),
+                             ("public:1", {"ok": False})):
+            ws.send_text(name)
+            reply = json.loads(ws.recv_message()[1])
+            assert reply == dict(expect, hook="message", channel=name), reply
+    assert herald.stats()["subscription_limit_hits"] == 1
