@@ -20,6 +20,7 @@
 /* The loading state: errors unwind to config_load with longjmp, so each check is one line. */
 struct loader {
     lua_State *L;
+    const struct config_env *env;
     const char *file;
     char *err;
     size_t errlen;
@@ -28,7 +29,74 @@ struct loader {
     char where[128];     /* dotted name of the value being read, e.g. "listen.port" */
 };
 
+/* Registry key (its address) of the table of lines each global was assigned on. */
 static const char LINES_KEY[] = "herald.config.lines";
+
+/* The chunk's bounds: what its Lua state holds, and the instructions it has left. Reached from
+ * the allocator and the count hook through the state's allocator data. */
+struct vm {
+    size_t mem, limit;
+    size_t bound;        /* the limit while the chunk's own code may run */
+    long long steps;
+    long long budget;
+    int killed;
+};
+
+#define HOOK_EVERY 1000
+
+const struct config_env config_env_default = {
+    .sandbox = 0, .instructions = 100000000LL, .memory = (size_t)64 << 20};
+
+static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    struct vm *vm = ud;
+    size_t old = ptr ? osize : 0;
+    if (nsize == 0) {
+        free(ptr);
+        vm->mem -= old;
+        return NULL;
+    }
+    if (nsize > old && vm->mem - old + nsize > vm->limit)
+        return NULL;
+    void *p = realloc(ptr, nsize);
+    if (p)
+        vm->mem = vm->mem - old + nsize;
+    return p;
+}
+
+/* Stops a chunk that runs too long; once it has, every instruction fails, so a chunk catching the
+ * error with pcall cannot go on. */
+static void vm_hook(lua_State *L, lua_Debug *ar)
+{
+    void *ud;
+    lua_getallocf(L, &ud);
+    struct vm *vm = ud;
+    vm->steps -= vm->killed ? 1 : HOOK_EVERY;
+    if (vm->steps >= 0 && !vm->killed)
+        return;
+    if (!vm->killed) {
+        vm->killed = 1;
+        lua_sethook(L, vm_hook, LUA_MASKCOUNT, 1);
+    }
+    const char *msg = "the configuration ran more than %I Lua instructions (an endless loop?)";
+    if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0) {
+        lua_pushfstring(L, "%s:%d: ", ar->short_src, ar->currentline);
+        lua_pushfstring(L, msg, (lua_Integer)vm->budget);
+        lua_concat(L, 2);
+    } else {
+        lua_pushfstring(L, msg, (lua_Integer)vm->budget);
+    }
+    lua_error(L);
+}
+
+/* Push t[key] for the table at idx without metamethods: the chunk's tables may carry any
+ * metatable, and the loader reads them outside a protected call. Returns the value's type. */
+static int rawfield(lua_State *L, int idx, const char *key)
+{
+    idx = lua_absindex(L, idx);
+    lua_pushstring(L, key);
+    return lua_rawget(L, idx);
+}
 
 static void fail(struct loader *ld, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
 static void fail(struct loader *ld, const char *fmt, ...)
@@ -51,7 +119,7 @@ static int record_line(lua_State *L)
 {
     lua_Debug ar;
     if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar) && ar.currentline > 0) {
-        lua_getfield(L, LUA_REGISTRYINDEX, LINES_KEY);
+        lua_rawgetp(L, LUA_REGISTRYINDEX, LINES_KEY);
         lua_pushvalue(L, 2);
         lua_pushinteger(L, ar.currentline);
         lua_rawset(L, -3);
@@ -68,18 +136,21 @@ static int get_global(struct loader *ld, const char *name)
 {
     lua_State *L = ld->L;
     snprintf(ld->where, sizeof(ld->where), "%s", name);
-    lua_getfield(L, LUA_REGISTRYINDEX, LINES_KEY);
-    lua_getfield(L, -1, name);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, LINES_KEY);
+    rawfield(L, -1, name);
     ld->line = (int)lua_tointeger(L, -1);
     lua_pop(L, 2);
-    return lua_getglobal(L, name);
+    lua_pushglobaltable(L);
+    int t = rawfield(L, -1, name);
+    lua_remove(L, -2);
+    return t;
 }
 
 /* Push field key of the table at the top; ld->where becomes parent.key. */
 static int get_field(struct loader *ld, const char *parent, const char *key)
 {
     snprintf(ld->where, sizeof(ld->where), "%s.%s", parent, key);
-    return lua_getfield(ld->L, -1, key);
+    return rawfield(ld->L, -1, key);
 }
 
 /* Reject keys of the table at the top that are not in allowed (NULL-terminated). */
@@ -288,7 +359,8 @@ static void pop_deflate(struct loader *ld, const char *route, struct route *r)
 
 static void load_routes(struct loader *ld, struct config *cfg)
 {
-    static const char *const keys[] = {"path", "kind", "script", "publish", "origins", "auth", "deflate", NULL};
+    static const char *const keys[] = {"path", "kind", "script", "publish", "origins", "auth",
+                                       "authorize", "deflate", NULL};
     lua_State *L = ld->L;
     if (get_global(ld, "routes") == LUA_TNIL) {
         lua_pop(L, 1);
@@ -313,6 +385,8 @@ static void load_routes(struct loader *ld, struct config *cfg)
         const char *script = pop_string(ld, 0);
         get_field(ld, name, "publish");
         int publish = pop_bool(ld, 0);
+        get_field(ld, name, "authorize");
+        const char *authorize = pop_string(ld, 0);
         get_field(ld, name, "auth");
         const char *auth = pop_string(ld, 0);
         if (auth && strcmp(auth, "token") != 0)
@@ -354,11 +428,16 @@ static void load_routes(struct loader *ld, struct config *cfg)
             fail(ld, "an sse route's path must end in / (/sse/<channel>, or /sse/?channels=a,b)");
         if (k == ROUTE_RAW && !r->prefix)
             fail(ld, "a raw route's path must end in / (the rest of the path names the channel)");
-        if (k == ROUTE_SCRIPT) {
-            r->script = resolve(cfg, script);
+        if (authorize && k == ROUTE_SCRIPT)
+            fail(ld, "a script route's authorize hook is in its script (drop authorize =)");
+        if (authorize && k == ROUTE_ECHO)
+            fail(ld, "an echo route has no channels to authorize");
+        if (k == ROUTE_SCRIPT || authorize) {
+            /* A built-in route's authorize script runs like a script route's, in a state of its own. */
+            r->script = resolve(cfg, script ? script : authorize);
             struct stat st;
             if (stat(r->script, &st) < 0)
-                fail(ld, "script %s: %s", r->script, strerror(errno));
+                fail(ld, "%s %s: %s", script ? "script" : "authorize", r->script, strerror(errno));
         }
         for (size_t j = 0; j + 1 < cfg->nroutes; j++)
             if (strcmp(cfg->routes[j]->path, r->path) == 0)
@@ -525,7 +604,7 @@ static const char *const known_globals[] = {
 static void check_globals(struct loader *ld)
 {
     lua_State *L = ld->L;
-    lua_getfield(L, LUA_REGISTRYINDEX, LINES_KEY);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, LINES_KEY);
     lua_pushnil(L);
     while (lua_next(L, -2)) {
         lua_pop(L, 1);
@@ -535,9 +614,9 @@ static void check_globals(struct loader *ld)
         int known = 0;
         for (const char *const *k = known_globals; *k; k++)
             known |= strcmp(*k, name) == 0;
-        lua_getglobal(L, name);
-        int is_function = lua_type(L, -1) == LUA_TFUNCTION;
-        lua_pop(L, 1);
+        lua_pushglobaltable(L);
+        int is_function = rawfield(L, -1, name) == LUA_TFUNCTION;
+        lua_pop(L, 2);
         if (!known && !is_function) { /* helper functions are fine */
             get_global(ld, name);
             fail(ld, "unknown setting (known: listen, web_root, access_log, publish_token, jwt_secret, "
@@ -644,54 +723,167 @@ static char *read_file(const char *file, size_t *len)
     return b.data;
 }
 
-int config_load(const char *file, struct config *cfg, char *err, size_t errlen)
+/* setmetatable without finalizers: Lua runs __gc with hooks off, so the instruction bound could
+ * not stop one that loops (and they would all run when the state is closed). */
+static int l_setmetatable(lua_State *L)
+{
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_error(L, "__gc metamethods are not available in the configuration");
+        lua_pop(L, 1);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* Open the libraries the chunk may use (called protected: it allocates). */
+static int open_libs(lua_State *L)
+{
+    const struct config_env *env = lua_touserdata(L, 1);
+    if (!env->sandbox) {
+        luaL_openlibs(L);
+        lua_getglobal(L, "setmetatable");
+        lua_pushcclosure(L, l_setmetatable, 1);
+        lua_setglobal(L, "setmetatable");
+        return 0;
+    }
+    static const luaL_Reg libs[] = {{LUA_GNAME, luaopen_base},         {LUA_TABLIBNAME, luaopen_table},
+                                    {LUA_STRLIBNAME, luaopen_string},  {LUA_MATHLIBNAME, luaopen_math},
+                                    {LUA_UTF8LIBNAME, luaopen_utf8},   {LUA_COLIBNAME, luaopen_coroutine},
+                                    {LUA_OSLIBNAME, luaopen_os},       {NULL, NULL}};
+    for (const luaL_Reg *lib = libs; lib->name; lib++) {
+        luaL_requiref(L, lib->name, lib->func, 1);
+        lua_pop(L, 1);
+    }
+    /* Nothing that reaches files, processes or the locale; no loading of (binary) chunks; and no
+     * pattern matching, whose backtracking runs in C where the instruction bound does not see it. */
+    static const char *const removed[][2] = {
+        {LUA_GNAME, "dofile"},     {LUA_GNAME, "loadfile"},   {LUA_GNAME, "load"},
+        {LUA_GNAME, "print"},      {LUA_OSLIBNAME, "execute"}, {LUA_OSLIBNAME, "exit"},
+        {LUA_OSLIBNAME, "remove"}, {LUA_OSLIBNAME, "rename"}, {LUA_OSLIBNAME, "tmpname"},
+        {LUA_OSLIBNAME, "setlocale"}, {LUA_STRLIBNAME, "find"}, {LUA_STRLIBNAME, "match"},
+        {LUA_STRLIBNAME, "gmatch"}, {LUA_STRLIBNAME, "gsub"}};
+    for (size_t i = 0; i < sizeof(removed) / sizeof(removed[0]); i++) {
+        if (strcmp(removed[i][0], LUA_GNAME) == 0)
+            lua_pushglobaltable(L);
+        else
+            lua_getglobal(L, removed[i][0]);
+        lua_pushnil(L);
+        lua_setfield(L, -2, removed[i][1]);
+        lua_pop(L, 1);
+    }
+    lua_getglobal(L, "setmetatable");
+    lua_pushcclosure(L, l_setmetatable, 1);
+    lua_setglobal(L, "setmetatable");
+    return 0;
+}
+
+static int one_line(char *err);
+
+/* Read the chunk's globals into cfg: 0, or -1 with the message in ld->err. */
+static int read_values(struct loader *ld, struct config *cfg)
+{
+    if (setjmp(ld->fail))
+        return -1;
+    load_all(ld, cfg);
+    return 0;
+}
+
+/* Close the chunk's state with its memory bound back in place: its finalizers run now. */
+static void close_state(lua_State *L, struct vm *vm)
+{
+    vm->limit = vm->bound;
+    lua_close(L);
+    free(vm);
+}
+
+/* Report the failure of the chunk (or of opening the libraries). */
+static void chunk_failed(lua_State *L, int rc, const char *file, const struct config_env *env,
+                         char *err, size_t errlen)
+{
+    if (rc == LUA_ERRMEM)
+        snprintf(err, errlen, "%s: the configuration needs more than %zu bytes of memory", file,
+                 env->memory);
+    else
+        lua_message(file, lua_isstring(L, -1) ? lua_tostring(L, -1) : NULL, err, errlen);
+}
+
+int config_load_buffer(const char *file, const char *text, size_t len, const struct config_env *env,
+                       struct config *cfg, char *err, size_t errlen)
 {
     set_defaults(cfg, file);
-    struct loader ld = {.file = file, .err = err, .errlen = errlen};
-    lua_State *L = ld.L = luaL_newstate();
+    /* On the heap: the allocator changes it between setjmp and a failure's longjmp. */
+    struct vm *vm = xcalloc(1, sizeof(*vm));
+    vm->limit = vm->bound = env->memory;
+    vm->steps = vm->budget = env->instructions;
+    struct loader ld = {.file = file, .env = env, .err = err, .errlen = errlen};
+    lua_State *L = ld.L = lua_newstate(vm_alloc, vm);
     if (!L) {
+        free(vm);
         snprintf(err, errlen, "%s: out of memory", file);
         return -1;
     }
-    luaL_openlibs(L);
-    lua_newtable(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, LINES_KEY);
-    size_t len;
-    char *text = read_file(file, &len);
-    if (!text) {
-        snprintf(err, errlen, "cannot read configuration %s: %s", file, strerror(errno));
-        lua_close(L);
-        return -1;
+    lua_sethook(L, vm_hook, LUA_MASKCOUNT, HOOK_EVERY);
+    lua_pushcfunction(L, open_libs);
+    lua_pushlightuserdata(L, (void *)env);
+    int rc = lua_pcall(L, 1, 0, 0);
+    if (rc == LUA_OK) {
+        lua_newtable(L);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, LINES_KEY);
+        rc = luaL_loadbufferx(L, text, len, "=" CHUNK_NAME, "t");
     }
-    int loaded = luaL_loadbufferx(L, text, len, "=" CHUNK_NAME, "t");
-    free(text);
-    if (loaded != LUA_OK) {
-        lua_message(file, lua_tostring(L, -1), err, errlen);
-        lua_close(L);
-        return -1;
+    if (rc == LUA_OK) {
+        lua_pushglobaltable(L);
+        lua_newtable(L);
+        lua_pushcfunction(L, record_line);
+        lua_setfield(L, -2, "__newindex");
+        lua_setmetatable(L, -2);
+        lua_pop(L, 1);
+        rc = lua_pcall(L, 0, 0, 0);
     }
-    lua_pushglobaltable(L);
-    lua_newtable(L);
-    lua_pushcfunction(L, record_line);
-    lua_setfield(L, -2, "__newindex");
-    lua_setmetatable(L, -2);
-    lua_pop(L, 1);
-    if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
-        lua_message(file, lua_tostring(L, -1), err, errlen);
-        lua_close(L);
-        return -1;
+    /* From here on the loader reads the chunk's values outside protected calls, where an error
+     * would abort: no collection (so no finalizer runs) and no memory bound for the few strings
+     * it pushes. The bound is back before the state is closed and finalizers run. */
+    lua_gc(L, LUA_GCSTOP);
+    vm->limit = (size_t)-1;
+    if (rc != LUA_OK) {
+        chunk_failed(L, rc, file, env, err, errlen);
+        close_state(L, vm);
+        return one_line(err);
     }
     lua_pushglobaltable(L);
     lua_pushnil(L);
     lua_setmetatable(L, -2);
     lua_pop(L, 1);
-    if (setjmp(ld.fail)) {
-        lua_close(L);
+    int failed = read_values(&ld, cfg);
+    close_state(L, vm);
+    return failed ? one_line(err) : 0;
+}
+
+/* Messages are one line whatever the chunk put in its strings. */
+static int one_line(char *err)
+{
+    for (char *p = err; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = ' ';
+    return -1;
+}
+
+int config_load(const char *file, struct config *cfg, char *err, size_t errlen)
+{
+    size_t len;
+    char *text = read_file(file, &len);
+    if (!text) {
+        set_defaults(cfg, file);
+        snprintf(err, errlen, "cannot read configuration %s: %s", file, strerror(errno));
         return -1;
     }
-    load_all(&ld, cfg);
-    lua_close(L);
-    return 0;
+    int rc = config_load_buffer(file, text, len, &config_env_default, cfg, err, errlen);
+    free(text);
+    return rc;
 }
 
 void config_free(struct config *cfg)

@@ -82,8 +82,27 @@ struct config {
     size_t nhistory;
 };
 
-/* Load file into cfg (which is zeroed first). Returns 0, or -1 with a one-line message in err. */
+/* How a configuration chunk runs. Whatever it does, it is stopped past its bounds: a chunk that
+ * loops forever or grows without end is an error, not a hung broker (a reload keeps the running
+ * configuration). */
+struct config_env {
+    int sandbox;            /* only libraries that reach nothing outside the state: no io, no os
+                               beyond time/clock/date/getenv, no loading of chunks or modules, no
+                               print, no string patterns (their backtracking runs outside the
+                               instruction bound) */
+    long long instructions; /* Lua instructions the chunk may run */
+    size_t memory;          /* bytes its Lua state may hold */
+};
+/* What config_load runs with: every standard library, 100 million instructions, 64 MiB. */
+extern const struct config_env config_env_default;
+
+/* Load file into cfg (which is zeroed first). Returns 0, or -1 with a one-line message in err.
+ * Either way cfg is released with config_free. */
 int config_load(const char *file, struct config *cfg, char *err, size_t errlen);
+/* The same for a chunk in memory (text[0..len)); file names it in messages, and relative paths are
+ * taken from its directory. */
+int config_load_buffer(const char *file, const char *text, size_t len, const struct config_env *env,
+                       struct config *cfg, char *err, size_t errlen);
 void config_free(struct config *cfg);
 
 #endif

@@ -6,6 +6,7 @@
 #include "script.h"
 #include "server.h"
 
+#include <errno.h>
 #include <ev.h>
 #include <getopt.h>
 #include <signal.h>
@@ -28,18 +29,37 @@ static void usage(FILE *to)
                 "  --version      print the version and exit\n");
 }
 
-/* Ask for as many descriptors as the hard limit allows: each connection is one. */
-static void raise_fd_limit(void)
+/* Descriptors the broker needs besides its connections: listeners, the spare one, the event loop,
+ * logs, Redis, tailed files, scripts being read. */
+#define FD_RESERVE 64
+
+/* Ask for as many descriptors as the hard limit allows (each connection is one), and say what the
+ * limit is: past it, new connections are refused with 503 and counted in accept_errors. */
+static void raise_fd_limit(size_t max_connections)
 {
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0) {
+        log_warn("file descriptor limit unknown: %s", strerror(errno));
         return;
+    }
+    rlim_t was = rl.rlim_cur;
     if (rl.rlim_cur < rl.rlim_max) {
         rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+            log_warn("cannot raise the file descriptor limit to %llu: %s",
+                     (unsigned long long)rl.rlim_max, strerror(errno));
         getrlimit(RLIMIT_NOFILE, &rl);
     }
-    log_info("file descriptor limit: %llu", (unsigned long long)rl.rlim_cur);
+    if (rl.rlim_cur != was)
+        log_info("file descriptor limit: %llu (raised from %llu)", (unsigned long long)rl.rlim_cur,
+                 (unsigned long long)was);
+    else
+        log_info("file descriptor limit: %llu", (unsigned long long)rl.rlim_cur);
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < max_connections + FD_RESERVE)
+        log_warn("the file descriptor limit allows about %llu connections, fewer than "
+                 "limits.max_connections (%zu); raise the hard limit (ulimit -Hn, LimitNOFILE=) to "
+                 "reach it", rl.rlim_cur > FD_RESERVE ? (unsigned long long)(rl.rlim_cur - FD_RESERVE) : 0ULL,
+                 max_connections);
 }
 
 static void stopped(void) { ev_break(loop, EVBREAK_ALL); }
@@ -132,7 +152,7 @@ int main(int argc, char **argv)
     loop = ev_default_loop(EVFLAG_AUTO);
     script_init(loop);
     for (size_t i = 0; i < cfg.nroutes; i++) {
-        if (cfg.routes[i]->kind == ROUTE_SCRIPT && script_load(cfg.routes[i], err, sizeof(err)) < 0) {
+        if (cfg.routes[i]->script && script_load(cfg.routes[i], err, sizeof(err)) < 0) {
             fprintf(stderr, "herald: %s\n", err);
             config_free(&cfg);
             return 1;
@@ -146,12 +166,13 @@ int main(int argc, char **argv)
     if (cfg.log_level)
         log_set_level((enum log_level)log_level_parse(cfg.log_level));
     signal(SIGPIPE, SIG_IGN);
-    raise_fd_limit();
     if (server_start(loop, &cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "herald: %s\n", err);
         config_free(&cfg);
         return 1;
     }
+    /* Once listening (so that a start-up error stays the only line), before the first accept. */
+    raise_fd_limit(cfg.max_connections);
     ev_signal sigint, sigterm, sighup;
     ev_signal_init(&sigint, on_stop_signal, SIGINT);
     ev_signal_init(&sigterm, on_stop_signal, SIGTERM);

@@ -7,6 +7,7 @@
 #include "auth.h"
 #include "json.h"
 #include "log.h"
+#include "pubsub.h"
 #include "script.h"
 #include "stats.h"
 #include "ws.h"
@@ -41,7 +42,7 @@ void route_unref(struct route *r)
 {
     if (!r || --r->refs)
         return;
-    if (r->kind == ROUTE_SCRIPT)
+    if (r->script)
         script_unload(r);
     for (size_t i = 0; i < r->norigins; i++)
         free(r->origins[i]);
@@ -89,12 +90,20 @@ static int each_channel(const char *list, size_t len, int (*fn)(const char *, si
     return 0;
 }
 
-int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len)
+int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len,
+                 const char **why)
 {
-    if (!r->require_token || auth_allows(c->grants, (enum auth_action)action, channel, len))
-        return 1;
-    stats.auth_refused++;
-    return 0;
+    *why = NULL;
+    if (r->require_token && !auth_allows(c->grants, (enum auth_action)action, channel, len)) {
+        *why = "the token does not grant this channel";
+        stats.auth_refused++;
+        return 0;
+    }
+    if (r->script && !script_authorize(r, c, action, channel, len, why)) {
+        stats.auth_refused++;
+        return 0;
+    }
+    return 1;
 }
 
 struct check_ctx {
@@ -111,8 +120,9 @@ static int check_name(const char *name, size_t len, void *arg)
         ctx->status = 400;
         return 1;
     }
-    if (!route_allows(ctx->r, ctx->c, AUTH_SUBSCRIBE, name, len)) {
-        *ctx->why = "the token does not grant this channel";
+    if (!route_allows(ctx->r, ctx->c, AUTH_SUBSCRIBE, name, len, ctx->why)) {
+        if (!*ctx->why)
+            *ctx->why = "not allowed to subscribe to this channel";
         ctx->status = 403;
         return 1;
     }
@@ -159,20 +169,20 @@ static int raw_resume(const char *query, size_t query_len, const char *name, siz
     return chan_recover(name, len, v, elen < 0 ? NULL : ep, elen < 0 ? 0 : (size_t)elen, last);
 }
 
-int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
-                 size_t path_len, struct buf *headers, const char **why)
+/* The checks of a built-in route's handshake: channel names, grants, a resume request. */
+static int builtin_accept(struct route *r, struct conn *c, const struct http_request *req,
+                          const char *path, size_t path_len, struct buf *headers, const char **why)
 {
     const char *query = req->query;
     size_t query_len = req->query_len;
-    if (r->kind == ROUTE_SCRIPT)
-        return script_accept(r, c, req, path, path_len, why);
     if (r->kind == ROUTE_RAW) {
         const char *name = path + r->path_len;
         size_t len = path_len - r->path_len;
         if (!chan_name_valid(name, len, why))
             return 400;
-        if (!route_allows(r, c, AUTH_SUBSCRIBE, name, len)) {
-            *why = "the token does not grant this channel";
+        if (!route_allows(r, c, AUTH_SUBSCRIBE, name, len, why)) {
+            if (!*why)
+                *why = "not allowed to subscribe to this channel";
             return 403;
         }
         uint64_t since, last;
@@ -202,6 +212,19 @@ int route_accept(struct route *r, struct conn *c, const struct http_request *req
     return 0;
 }
 
+int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
+                 size_t path_len, struct buf *headers, const char **why)
+{
+    if (r->kind == ROUTE_SCRIPT)
+        return script_accept(r, c, req, path, path_len, why);
+    int status = r->script ? script_accept(r, c, req, path, path_len, why) : 0;
+    if (!status)
+        status = builtin_accept(r, c, req, path, path_len, headers, why);
+    if (status && r->script)
+        script_refused(c, r);
+    return status;
+}
+
 int route_open(struct route *r, struct conn *c, const char *path, size_t path_len, const char *query,
                size_t query_len)
 {
@@ -217,16 +240,23 @@ int route_open(struct route *r, struct conn *c, const char *path, size_t path_le
         ssize_t n = query_channels(query, query_len);
         if (n >= 0)
             each_channel(scratch.data, (size_t)n, subscribe_name, c);
-    } else if (r->kind == ROUTE_SCRIPT) {
-        script_opened(c);
     }
+    if (r->script)
+        script_opened(c);
     return 0;
 }
 
 void route_closed(struct conn *c, uint16_t code, const char *reason)
 {
-    if (c->route && c->route->kind == ROUTE_SCRIPT)
-        script_closed(c, code, reason);
+    if (c->route)
+        script_closed(c, code, reason); /* a script route's, or a built-in route's authorize script */
+}
+
+/* c's client object belonged to a script state that is gone. */
+static void forget_client_object(struct conn *c, void *arg)
+{
+    if (c->route == arg)
+        c->script_ref = -2; /* LUA_NOREF */
 }
 
 int route_adopt(struct route **routes, size_t n, struct route *const *old, size_t nold)
@@ -254,13 +284,19 @@ int route_adopt(struct route **routes, size_t n, struct route *const *old, size_
             if (r->script) {
                 free(o->script);
                 o->script = xstrdup(r->script);
+            } else if (o->script) {
+                /* A built-in route's authorize script was taken out of the configuration. */
+                conn_foreach(forget_client_object, o);
+                script_unload(o);
+                free(o->script);
+                o->script = NULL;
             }
             routes[i] = route_ref(o);
             route_unref(r);
             r = o;
             break;
         }
-        if (r->kind == ROUTE_SCRIPT && script_load(r, err, sizeof(err)) < 0) {
+        if (r->script && script_load(r, err, sizeof(err)) < 0) {
             log_error("%s", err);
             failures++;
         }
@@ -291,149 +327,65 @@ static void reply_end(struct conn *c, const struct json_span *id)
 static void reply_error(struct conn *c, const char *error, const struct json_span *id)
 {
     stats.request_errors++;
-    size_t n = strlen(error);
-    char *quoted = xmalloc(JSON_STRING_ENCODED_MAX(n));
-    size_t qlen = json_string_encode(error, n, quoted);
-    reply_begin("error");
-    buf_append_str(&scratch, ",\"error\":");
-    buf_append(&scratch, quoted, qlen);
-    free(quoted);
-    reply_end(c, id);
-}
-
-enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_COUNT };
-static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch"};
-
-/* A non-negative integer JSON number; -1 if it is anything else. */
-static int64_t span_seq(const struct json_span *s)
-{
-    if (s->type != JSON_NUMBER || s->len > 18)
-        return -1;
-    int64_t v = 0;
-    for (size_t i = 0; i < s->len; i++) {
-        if (s->p[i] < '0' || s->p[i] > '9')
-            return -1;
-        v = v * 10 + (s->p[i] - '0');
-    }
-    return v;
-}
-
-/* Decode a short JSON string member into out (room for cap bytes, NUL-terminated). -1 if it is
- * not a string or its text is cap bytes or longer. */
-static int short_string(const struct json_span *s, char *out, size_t cap)
-{
-    /* Escapes make a token up to six times longer than its text. */
-    char tmp[(CHAN_NAME_MAX + 1) * 6 + 2];
-    if (s->type != JSON_STRING || s->len > sizeof(tmp) || cap > CHAN_NAME_MAX + 1)
-        return -1;
-    ssize_t n = json_string_decode(s->p, s->len, tmp);
-    if (n < 0 || (size_t)n >= cap)
-        return -1;
-    memcpy(out, tmp, (size_t)n);
-    out[n] = 0;
-    return (int)n;
+    scratch.len = 0;
+    pubsub_error_reply(&scratch, error, id);
+    route_send_text(c, scratch.data, scratch.len);
 }
 
 static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int binary)
 {
-    struct json_span v[KEY_COUNT];
+    struct pubsub_request q;
     const char *error;
     char error_buf[64];
-    if (binary) {
-        reply_error(c, "binary messages are not accepted here: send JSON text", NULL);
+    if (pubsub_parse((const char *)data, len, binary, &q, &error, error_buf) < 0) {
+        reply_error(c, error, &q.id);
         return;
     }
-    if (json_object_scan((const char *)data, len, request_keys, v, KEY_COUNT, &error, error_buf) < 0) {
-        reply_error(c, error, NULL);
+    const struct json_span *id = &q.id;
+    const char *channel = q.channel;
+    size_t clen = q.channel_len;
+    if (q.op != PUBSUB_UNSUBSCRIBE &&
+        !route_allows(c->route, c, q.op == PUBSUB_PUBLISH ? AUTH_PUBLISH : AUTH_SUBSCRIBE, channel,
+                      clen, &error)) {
+        char msg[320];
+        snprintf(msg, sizeof(msg), "not allowed to %s this channel%s%s",
+                 q.op == PUBSUB_PUBLISH ? "publish to" : "subscribe to", error ? ": " : "",
+                 error ? error : "");
+        reply_error(c, msg, id);
         return;
     }
-    const struct json_span *id = &v[KEY_ID];
-    char op[32];
-    if (v[KEY_OP].type == JSON_NONE) {
-        reply_error(c, "missing \"op\"", id);
-        return;
-    }
-    if (short_string(&v[KEY_OP], op, sizeof(op)) < 0) {
-        reply_error(c, "\"op\" must be one of subscribe, unsubscribe, publish", id);
-        return;
-    }
-    int is_sub = strcmp(op, "subscribe") == 0, is_unsub = strcmp(op, "unsubscribe") == 0;
-    int is_pub = strcmp(op, "publish") == 0;
-    if (!is_sub && !is_unsub && !is_pub) {
-        reply_error(c, "unknown \"op\": expected subscribe, unsubscribe or publish", id);
-        return;
-    }
-    char channel[CHAN_NAME_MAX + 1];
-    if (v[KEY_CHANNEL].type == JSON_NONE) {
-        reply_error(c, "missing \"channel\"", id);
-        return;
-    }
-    int clen = short_string(&v[KEY_CHANNEL], channel, sizeof(channel));
-    if (v[KEY_CHANNEL].type != JSON_STRING) {
-        reply_error(c, "\"channel\" must be a string", id);
-        return;
-    }
-    if (clen < 0) {
-        reply_error(c, "channel name is longer than 200 bytes", id);
-        return;
-    }
-    if (!chan_name_valid(channel, (size_t)clen, &error)) {
-        reply_error(c, error, id);
-        return;
-    }
-    if (!route_allows(c->route, c, is_pub ? AUTH_PUBLISH : AUTH_SUBSCRIBE, channel, (size_t)clen) && !is_unsub) {
-        reply_error(c, is_pub ? "not allowed to publish to this channel"
-                              : "not allowed to subscribe to this channel", id);
-        return;
-    }
-    if (is_sub) {
-        int64_t since = -1;
-        if (v[KEY_SINCE].type != JSON_NONE && (since = span_seq(&v[KEY_SINCE])) < 0) {
-            reply_error(c, "\"since\" must be a seq (a whole number >= 0)", id);
-            return;
-        }
-        char ep[64];
-        int ep_len = -1;
-        if (v[KEY_EPOCH].type != JSON_NONE && (ep_len = short_string(&v[KEY_EPOCH], ep, sizeof(ep))) < 0) {
-            reply_error(c, "\"epoch\" must be the string a subscribed reply gave", id);
-            return;
-        }
-        if (chan_subscribe(c, channel, (size_t)clen) < 0) {
+    if (q.op == PUBSUB_SUBSCRIBE) {
+        if (chan_subscribe(c, channel, clen) < 0) {
             reply_error(c, "subscription limit reached for this connection", id);
             return;
         }
         uint64_t last;
-        int recovered = chan_recover(channel, (size_t)clen, since < 0 ? 0 : (uint64_t)since,
-                                     ep_len < 0 ? NULL : ep, ep_len < 0 ? 0 : (size_t)ep_len, &last);
+        int recovered = chan_recover(channel, clen, q.since < 0 ? 0 : (uint64_t)q.since,
+                                     q.epoch_len < 0 ? NULL : q.epoch,
+                                     q.epoch_len < 0 ? 0 : (size_t)q.epoch_len, &last);
         reply_begin("subscribed");
         buf_printf(&scratch, ",\"channel\":\"%s\"", channel);
         if (recovered >= 0) {
             buf_printf(&scratch, ",\"epoch\":\"%s\",\"seq\":%llu", chan_epoch(), (unsigned long long)last);
-            if (since >= 0)
+            if (q.since >= 0)
                 buf_printf(&scratch, ",\"recovered\":%s", recovered ? "true" : "false");
         }
         reply_end(c, id);
-        if (recovered == 1 && since >= 0)
-            chan_replay(c, channel, (size_t)clen, (uint64_t)since);
-        return;
-    } else if (is_unsub) {
-        chan_unsubscribe(c, channel, (size_t)clen);
+        if (recovered == 1 && q.since >= 0)
+            chan_replay(c, channel, clen, (uint64_t)q.since);
+    } else if (q.op == PUBSUB_UNSUBSCRIBE) {
+        chan_unsubscribe(c, channel, clen);
         reply_begin("unsubscribed");
+        buf_printf(&scratch, ",\"channel\":\"%s\"", channel);
+        reply_end(c, id);
     } else {
-        if (v[KEY_DATA].type == JSON_NONE) {
-            reply_error(c, "missing \"data\"", id);
-            return;
-        }
-        struct chan_msg m = {.channel = channel, .channel_len = (size_t)clen, .data = v[KEY_DATA].p,
-                             .len = v[KEY_DATA].len, .is_json = 1, .utf8 = 1, .json = 1};
+        struct chan_msg m = {.channel = channel, .channel_len = clen, .data = q.data.p,
+                             .len = q.data.len, .is_json = 1, .utf8 = 1, .json = 1};
         uint64_t seq = chan_publish(&m, NULL);
         reply_begin("published");
         buf_printf(&scratch, ",\"channel\":\"%s\",\"seq\":%llu", channel, (unsigned long long)seq);
         reply_end(c, id);
-        return;
     }
-    buf_printf(&scratch, ",\"channel\":\"%s\"", channel);
-    reply_end(c, id);
 }
 
 void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
@@ -459,7 +411,9 @@ void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
             const char *name = chan_first_name(c, &name_len);
             struct chan_msg m = {.channel = name, .channel_len = name_len, .data = (const char *)data,
                                  .len = len, .utf8 = (int8_t)!binary, .json = -1};
-            if (name && !route_allows(r, c, AUTH_PUBLISH, name, name_len)) {
+            const char *why;
+            if (name && !route_allows(r, c, AUTH_PUBLISH, name, name_len, &why)) {
+                /* The close reason is fixed: a script's reason might not fit its 123 bytes. */
                 conn_ws_close(c, WS_CLOSE_POLICY, "not allowed to publish to this channel");
                 break;
             }

@@ -39,8 +39,9 @@ struct route {
     int deflate;         /* WebSocket routes: permessage-deflate may be negotiated */
     size_t deflate_min_size; /* messages shorter than this are sent uncompressed */
     int deflate_level;   /* zlib compression level, 1..9 */
-    char *script;        /* script routes: the script's path */
-    void *script_state;  /* script routes: the Lua state (script.c) */
+    char *script;        /* script routes: the script's path; built-in routes: their authorize
+                            script's, NULL when none */
+    void *script_state;  /* the Lua state running script (script.c) */
     uint64_t messages;   /* messages received from clients on this route */
     uint64_t deliver_calls; /* messages encoded for this route's subscribers */
 };
@@ -65,11 +66,14 @@ int route_open(struct route *r, struct conn *c, const char *path, size_t path_le
 int route_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
                  size_t path_len, struct buf *headers, const char **why);
 
-/* 1 if c may do action (enum auth_action) on channel through route r: always on routes without
- * auth = "token"; otherwise as its token grants. A refusal is counted. */
-int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len);
+/* 1 if c may do action (enum auth_action) on channel through route r: on a route with
+ * auth = "token" its token must grant it, and the route's authorize hook (a script route's, or a
+ * built-in route's authorize script) must allow it. A refusal is counted, and *why set to a reason
+ * for the client (static, or kept until the next call), or NULL when none was given. */
+int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len,
+                 const char **why);
 
-/* c is closing: a script route runs its close hook (once). */
+/* c is closing: its route's script, if any, runs its close hook (once). */
 void route_closed(struct conn *c, uint16_t code, const char *reason);
 
 /* After a configuration reload: routes in the new table that match an old route by path and kind

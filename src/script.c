@@ -17,6 +17,7 @@
  * reference. */
 #include "script.h"
 
+#include "auth.h"
 #include "buf.h"
 #include "channel.h"
 #include "conn.h"
@@ -46,10 +47,14 @@ int luaopen_cjson(lua_State *L);
 #define CLIENT_MT "herald.client"
 #define TIMER_MT "herald.timer"
 
-enum hook { HOOK_OPEN, HOOK_MESSAGE, HOOK_DELIVER, HOOK_CLOSE, HOOK_TIMER, HOOK_LOAD, HOOK_KINDS };
-#define SCRIPT_HOOKS 4 /* open .. close: the functions a script's table may hold */
-static const char *const hook_names[HOOK_KINDS] = {"open", "message", "deliver", "close", "timer",
-                                                   "load"};
+enum hook {
+    HOOK_OPEN, HOOK_MESSAGE, HOOK_DELIVER, HOOK_CLOSE, HOOK_AUTHORIZE, HOOK_TIMER, HOOK_LOAD, HOOK_KINDS
+};
+#define SCRIPT_HOOKS 5 /* open .. authorize: the functions a script's table may hold */
+static const char *const hook_names[HOOK_KINDS] = {"open", "message", "deliver", "close", "authorize",
+                                                   "timer", "load"};
+/* The hooks a built-in route's authorize script may have: the route's kind does the rest. */
+#define ACCESS_HOOKS ((1u << HOOK_OPEN) | (1u << HOOK_CLOSE) | (1u << HOOK_AUTHORIZE))
 
 struct ltimer;
 
@@ -67,6 +72,7 @@ struct lstate {
     int loaded;              /* a load succeeded: the hooks are in place */
     int loading;             /* the script's main chunk is running */
     int in_deliver;          /* deliver is running: no publishing, no client methods */
+    int in_authorize;        /* authorize is running: the same */
     int killed;              /* this call ran out of instructions */
     int mem_failed;          /* this call hit the memory limit in the count hook */
     unsigned depth;          /* nesting of run() */
@@ -75,7 +81,7 @@ struct lstate {
     size_t mem, mem_peak, mem_limit, mem_soft;
     uint64_t clients, timers_active;
     uint64_t calls[HOOK_KINDS];
-    uint64_t errors, runaway, memory_errors, load_errors, reloads, dropped;
+    uint64_t errors, runaway, memory_errors, load_errors, reloads, dropped, authorize_refused;
     char last_error[512];
 };
 
@@ -94,6 +100,7 @@ struct lclient {
     struct conn *c;    /* NULL once the connection is gone (or was refused) */
     uint64_t id;
     int opening;       /* the handshake is not answered yet: actions are kept in pending */
+    int builtin;       /* a built-in route's client (its authorize script): no methods */
     struct pending *pending, **pending_tail;
     char addr[48];
 };
@@ -110,6 +117,7 @@ struct ltimer {
 static struct ev_loop *loop;
 static struct lstate *states;
 static char refuse_reason[256];
+static char authorize_reason[256];
 static struct buf stats_scratch;
 
 static struct lstate *state_of(lua_State *L) { return *(struct lstate **)lua_getextraspace(L); }
@@ -399,8 +407,10 @@ static const char *payload_arg(lua_State *L, int idx, int bin_idx, const char *f
 
 static void no_deliver(lua_State *L, const char *what)
 {
-    if (state_of(L)->in_deliver)
-        luaL_error(L, "%s cannot be used in deliver (start a herald.timer(0, fn) to do it after)", what);
+    struct lstate *st = state_of(L);
+    if (st->in_deliver || st->in_authorize)
+        luaL_error(L, "%s cannot be used in %s (start a herald.timer(0, fn) to do it after)", what,
+                   st->in_authorize ? "authorize" : "deliver");
 }
 
 /* --- the herald module -------------------------------------------------------------------------- */
@@ -534,6 +544,27 @@ static int l_os_exit(lua_State *L)
 static int l_no_sethook(lua_State *L)
 {
     return luaL_error(L, "debug.sethook is not available to herald scripts");
+}
+
+/* Lua runs finalizers with hooks off, so the instruction bound could not stop a __gc that loops:
+ * setmetatable refuses a metatable with one, and debug.setmetatable is not there. */
+static int l_setmetatable(lua_State *L)
+{
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_error(L, "__gc metamethods are not available to herald scripts");
+        lua_pop(L, 1);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+static int l_no_debug_setmetatable(lua_State *L)
+{
+    return luaL_error(L, "debug.setmetatable is not available to herald scripts");
 }
 
 /* --- timers ------------------------------------------------------------------------------------- */
@@ -706,9 +737,13 @@ static void add_pending(struct lclient *cl, int op, int opcode, uint16_t code, c
 static struct lclient *check_client(lua_State *L, const char *method)
 {
     struct lclient *cl = luaL_checkudata(L, 1, CLIENT_MT);
-    if (state_of(L)->in_deliver)
-        luaL_error(L, "client:%s cannot be used in deliver (start a herald.timer(0, fn) to do it "
-                      "after)", method);
+    struct lstate *st = state_of(L);
+    if (st->in_deliver || st->in_authorize)
+        luaL_error(L, "client:%s cannot be used in %s (start a herald.timer(0, fn) to do it after)",
+                   method, st->in_authorize ? "authorize" : "deliver");
+    if (cl->builtin)
+        luaL_error(L, "client:%s is not available on a %s route (its kind decides what its clients "
+                      "get)", method, route_kind_name(st->route->kind));
     return cl;
 }
 
@@ -747,12 +782,32 @@ static int subscription(lua_State *L, int subscribe)
     check_channel(L, fn, name, len);
     if (!cl->c)
         return closed(L);
+    if (subscribe) {
+        /* The route's token grants and authorize hook have their say, now, even in open. */
+        struct lstate *st = state_of(L);
+        const char *why;
+        lua_State *prev = st->running;
+        st->running = L; /* authorize runs nested, on this thread */
+        int ok = route_allows(st->route, cl->c, AUTH_SUBSCRIBE, name, len, &why);
+        st->running = prev;
+        if (!ok) {
+            lua_pushnil(L);
+            lua_pushstring(L, why ? why : "not allowed to subscribe to this channel");
+            return 2;
+        }
+    }
     if (cl->opening) {
         add_pending(cl, subscribe ? PENDING_SUBSCRIBE : PENDING_UNSUBSCRIBE, 0, 0, name, len);
         lua_pushboolean(L, 1);
         return 1;
     }
-    lua_pushboolean(L, subscribe ? chan_subscribe(cl->c, name, len) : chan_unsubscribe(cl->c, name, len));
+    int rc = subscribe ? chan_subscribe(cl->c, name, len) : chan_unsubscribe(cl->c, name, len);
+    if (rc < 0) { /* counted in subscription_limit_hits */
+        lua_pushnil(L);
+        lua_pushliteral(L, "subscription limit reached for this connection");
+        return 2;
+    }
+    lua_pushboolean(L, rc);
     return 1;
 }
 
@@ -901,7 +956,12 @@ static int setup(lua_State *L)
     lua_getglobal(L, "debug");
     lua_pushcfunction(L, l_no_sethook);
     lua_setfield(L, -2, "sethook");
+    lua_pushcfunction(L, l_no_debug_setmetatable);
+    lua_setfield(L, -2, "setmetatable");
     lua_pop(L, 1);
+    lua_getglobal(L, "setmetatable");
+    lua_pushcclosure(L, l_setmetatable, 1);
+    lua_setglobal(L, "setmetatable");
     lua_pushcfunction(L, l_print);
     lua_setglobal(L, "print");
 
@@ -1045,20 +1105,27 @@ static int do_load(lua_State *L)
         return lua_error(L);
     st->calls[HOOK_LOAD]++;
     lua_call(L, 0, 1);
+    int builtin = st->route->kind != ROUTE_SCRIPT;
+    const char *expected = builtin ? "open, authorize, close" : "open, message, deliver, close, authorize";
     if (lua_type(L, -1) != LUA_TTABLE)
-        return luaL_error(L, "%s: the script must return a table of hooks (open, message, deliver, "
-                             "close), not %s", file, luaL_typename(L, -1));
+        return luaL_error(L, "%s: the script must return a table of hooks (%s), not %s", file, expected,
+                          luaL_typename(L, -1));
     int t = lua_gettop(L);
     lua_pushnil(L);
     while (lua_next(L, t)) {
         int known = -1;
         if (lua_type(L, -2) == LUA_TSTRING)
             for (int i = 0; i < SCRIPT_HOOKS; i++)
-                if (strcmp(lua_tostring(L, -2), hook_names[i]) == 0)
+                if (strcmp(lua_tostring(L, -2), hook_names[i]) == 0 &&
+                    (!builtin || (ACCESS_HOOKS & (1u << i))))
                     known = i;
+        if (known < 0 && builtin)
+            return luaL_error(L, "%s: hook %s in the returned table: a %s route's authorize script "
+                                 "has only open, authorize and close", file,
+                              luaL_tolstring(L, -2, NULL), route_kind_name(st->route->kind));
         if (known < 0)
-            return luaL_error(L, "%s: unknown hook %s in the returned table (expected open, message, "
-                                 "deliver or close)", file, luaL_tolstring(L, -2, NULL));
+            return luaL_error(L, "%s: unknown hook %s in the returned table (expected %s)", file,
+                              luaL_tolstring(L, -2, NULL), expected);
         if (lua_type(L, -1) != LUA_TFUNCTION)
             return luaL_error(L, "%s: hook %s must be a function, not %s", file, hook_names[known],
                               luaL_typename(L, -1));
@@ -1083,7 +1150,9 @@ int script_load(struct route *r, char *err, size_t errlen)
     }
     st->route = r;
     lua_State *L = st->L;
-    struct load_ctx x = {.st = st, .fn = {LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF}};
+    struct load_ctx x = {.st = st};
+    for (int i = 0; i < SCRIPT_HOOKS; i++)
+        x.fn[i] = LUA_NOREF;
     st->generation++;
     st->loading = 1;
     int rc = run(st, L, HOOK_LOAD, do_load, &x, 0);
@@ -1219,7 +1288,12 @@ static int do_open(lua_State *L)
     struct open_ctx *x = lua_touserdata(L, 1);
     struct lstate *st = x->st;
     x->cl = new_client(L, x->c);
+    x->cl->builtin = st->route->kind != ROUTE_SCRIPT;
     int client = lua_gettop(L);
+    /* The connection knows its client from now on, so authorize finds it during open. */
+    lua_pushvalue(L, client);
+    x->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    x->c->script_ref = x->ref;
     if (st->fn[HOOK_OPEN] != LUA_NOREF) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, st->fn[HOOK_OPEN]);
         lua_pushvalue(L, client);
@@ -1243,8 +1317,6 @@ static int do_open(lua_State *L)
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
     lua_pushvalue(L, client);
     lua_rawseti(L, -2, (lua_Integer)x->cl->id);
-    lua_pushvalue(L, client);
-    x->ref = luaL_ref(L, LUA_REGISTRYINDEX);
     return 0;
 }
 
@@ -1265,6 +1337,10 @@ int script_accept(struct route *r, struct conn *c, const struct http_request *re
         *why = "the route's script is not loaded";
         return 503;
     }
+    /* A built-in route's clients get their objects when they are first needed. */
+    if (r->kind != ROUTE_SCRIPT && st->fn[HOOK_OPEN] == LUA_NOREF)
+        return 0;
+    script_refused(c, r); /* a client object left from an earlier request on this connection */
     struct open_ctx x = {.st = st, .c = c, .req = req, .path = path, .path_len = path_len,
                          .ref = LUA_NOREF};
     int rc = run(st, st->L, HOOK_OPEN, do_open, &x, 0);
@@ -1273,18 +1349,111 @@ int script_accept(struct route *r, struct conn *c, const struct http_request *re
             drop_client(x.cl);
         if (x.ref != LUA_NOREF)
             forget_client(st, st->L, c->id, x.ref);
+        c->script_ref = LUA_NOREF;
         *why = rc < 0 ? "the route's script failed (see the server log)" : refuse_reason;
         return rc < 0 ? 500 : 403;
     }
-    c->script_ref = x.ref;
     st->clients++;
+    return 0;
+}
+
+void script_refused(struct conn *c, struct route *r)
+{
+    struct lstate *st = r->script_state;
+    if (c->script_ref == LUA_NOREF || !st) {
+        c->script_ref = LUA_NOREF;
+        return;
+    }
+    lua_State *L = current(st);
+    reserve_stack(st, L, 2);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->script_ref);
+    drop_client(lua_touserdata(L, -1));
+    lua_pop(L, 1);
+    forget_client(st, L, c->id, c->script_ref);
+    c->script_ref = LUA_NOREF;
+    st->clients--;
+}
+
+struct authorize_ctx {
+    struct conn *c;
+    int action;
+    const char *channel;
+    size_t len;
+    int allowed;
+    int has_reason;
+};
+
+static int do_authorize(lua_State *L)
+{
+    struct authorize_ctx *x = lua_touserdata(L, 1);
+    struct lstate *st = state_of(L);
+    if (x->c->script_ref == LUA_NOREF) {
+        /* A built-in route's client met for the first time. */
+        struct lclient *cl = new_client(L, x->c);
+        cl->builtin = 1;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
+        lua_pushvalue(L, -2);
+        lua_rawseti(L, -2, (lua_Integer)cl->id);
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        x->c->script_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        st->clients++;
+    } else {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, x->c->script_ref);
+    }
+    int client = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->fn[HOOK_AUTHORIZE]);
+    lua_pushvalue(L, client);
+    lua_pushstring(L, x->action == AUTH_PUBLISH ? "publish" : "subscribe");
+    lua_pushlstring(L, x->channel, x->len);
+    st->calls[HOOK_AUTHORIZE]++;
+    lua_call(L, 3, 2);
+    x->allowed = lua_toboolean(L, -2);
+    if (!x->allowed && lua_type(L, -1) == LUA_TSTRING) {
+        size_t n;
+        const char *why = lua_tolstring(L, -1, &n);
+        n = n < 200 ? n : 200;
+        memcpy(authorize_reason, why, n);
+        authorize_reason[n] = 0;
+        x->has_reason = 1;
+    }
+    return 0;
+}
+
+int script_authorize(struct route *r, struct conn *c, int action, const char *channel, size_t len,
+                     const char **why)
+{
+    struct lstate *st = r->script_state;
+    *why = NULL;
+    if (!st)
+        return 1;
+    if (!st->loaded) { /* never loaded: nothing is allowed rather than everything */
+        *why = "the route's authorize script is not loaded";
+        st->authorize_refused++;
+        return 0;
+    }
+    if (st->fn[HOOK_AUTHORIZE] == LUA_NOREF)
+        return 1;
+    lua_State *L = current(st);
+    struct authorize_ctx x = {.c = c, .action = action, .channel = channel, .len = len};
+    int prev = st->in_authorize;
+    st->in_authorize = 1;
+    int rc = run(st, L, HOOK_AUTHORIZE, do_authorize, &x, 0);
+    st->in_authorize = prev;
+    if (rc == 0 && x.allowed)
+        return 1;
+    st->authorize_refused++;
+    if (rc < 0)
+        *why = "the route's authorize hook failed (see the server log)";
+    else if (x.has_reason)
+        *why = authorize_reason;
     return 0;
 }
 
 void script_opened(struct conn *c)
 {
     if (c->script_ref == LUA_NOREF || !c->route || !c->route->script_state)
-        return;
+        return; /* (a built-in route's client without an object yet) */
     struct lstate *st = c->route->script_state;
     lua_State *L = st->L;
     reserve_stack(st, L, 1);
@@ -1506,12 +1675,13 @@ void script_stats_json(struct buf *out)
                        (unsigned long long)st->calls[h]);
         buf_printf(out,
                    "},\"errors\":%llu,\"runaway\":%llu,\"memory_errors\":%llu,\"load_errors\":%llu,"
-                   "\"reloads\":%llu,\"deliver_dropped\":%llu,\"clients\":%llu,\"timers\":%llu,"
+                   "\"reloads\":%llu,\"deliver_dropped\":%llu,\"authorize_refused\":%llu,"
+                   "\"clients\":%llu,\"timers\":%llu,"
                    "\"memory\":%zu,\"memory_peak\":%zu,\"memory_limit\":%zu,\"last_error\":",
                    (unsigned long long)st->errors, (unsigned long long)st->runaway,
                    (unsigned long long)st->memory_errors, (unsigned long long)st->load_errors,
                    (unsigned long long)st->reloads, (unsigned long long)st->dropped,
-                   (unsigned long long)st->clients, (unsigned long long)st->timers_active, st->mem,
+                   (unsigned long long)st->authorize_refused, (unsigned long long)st->clients, (unsigned long long)st->timers_active, st->mem,
                    st->mem_peak, st->mem_limit);
         if (st->last_error[0])
             json_str(out, st->last_error);
@@ -1535,7 +1705,7 @@ static void prom_label(struct buf *out, const char *s)
     }
 }
 
-enum figure { FIG_ERRORS, FIG_RUNAWAY, FIG_MEMORY_ERRORS, FIG_LOAD_ERRORS, FIG_MEMORY };
+enum figure { FIG_ERRORS, FIG_RUNAWAY, FIG_MEMORY_ERRORS, FIG_LOAD_ERRORS, FIG_MEMORY, FIG_AUTHORIZE_REFUSED };
 
 static unsigned long long figure(const struct lstate *st, enum figure f)
 {
@@ -1545,6 +1715,7 @@ static unsigned long long figure(const struct lstate *st, enum figure f)
     case FIG_MEMORY_ERRORS: return st->memory_errors;
     case FIG_LOAD_ERRORS: return st->load_errors;
     case FIG_MEMORY: return st->mem;
+    case FIG_AUTHORIZE_REFUSED: return st->authorize_refused;
     }
     return 0;
 }
@@ -1581,4 +1752,7 @@ void script_stats_prom(struct buf *out)
                 FIG_LOAD_ERRORS);
     prom_family(out, "memory_bytes", "gauge", "Memory used by the route's Lua state",
                 FIG_MEMORY);
+    prom_family(out, "authorize_refused_total", "counter",
+                "Subscribes and publishes the authorize hook refused (or failed on)",
+                FIG_AUTHORIZE_REFUSED);
 }

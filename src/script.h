@@ -29,7 +29,8 @@ void script_unload(struct route *r);
 
 /* A WebSocket handshake on script route r, before the 101 is sent: create c's client object and
  * run open(client, request). Returns 0 to accept, or 403 with *why (static or kept until the next
- * call) when the hook refused. Sends made during open are queued after the 101. */
+ * call) when the hook refused. Sends made during open are queued after the 101. On a built-in
+ * route with an authorize script, the same when that script has an open hook (else nothing). */
 int script_accept(struct route *r, struct conn *c, const struct http_request *req, const char *path,
                   size_t path_len, const char **why);
 
@@ -49,7 +50,19 @@ int script_deliver(struct route *r, struct chan_msg *m, const char **p, size_t *
  * run close(client, code, reason) and drop the client object. Called once. */
 void script_closed(struct conn *c, uint16_t code, const char *reason);
 
-/* Script figures for /stats: hook calls, errors, runaway scripts, memory per route. */
+/* May c do action (enum auth_action) on channel[0..len)? Asks r's authorize hook, if its script has
+ * one (a script route's, or a built-in route's authorize script): 1 to allow; 0 to refuse, with
+ * *why the hook's reason (kept until the next call) or NULL when it gave none. A hook that fails
+ * refuses (the error is logged and counted), and so does a script that never loaded. A built-in
+ * route's client gets its client object here the first time. */
+int script_authorize(struct route *r, struct conn *c, int action, const char *channel, size_t len,
+                     const char **why);
+
+/* A handshake (or event stream) on r was refused after c got a client object: drop the object
+ * without a close hook. Does nothing when c has none. */
+void script_refused(struct conn *c, struct route *r);
+
+/* Script figures for /stats: hook calls, errors, runaway scripts, refusals, memory per route. */
 void script_stats_json(struct buf *out);
 void script_stats_prom(struct buf *out);
 

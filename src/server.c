@@ -477,6 +477,7 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
     const char *token = cfg->jwt_secret ? request_token(req, token_buf, sizeof(token_buf), &token_len) : NULL;
     if (token) {
         const char *why = NULL;
+        auth_free(c->grants); /* from an earlier handshake on this connection that was refused */
         c->grants = auth_verify(token, token_len, cfg->jwt_secret, ev_now(loop), &why);
         if (!c->grants) {
             stats.auth_refused++;
@@ -553,8 +554,9 @@ static int sse_channel(const char *name, size_t len, void *arg)
         x->status = 400;
         return 1;
     }
-    if (!route_allows(x->r, x->c, AUTH_SUBSCRIBE, name, len)) {
-        x->why = "the token does not grant this channel";
+    if (!route_allows(x->r, x->c, AUTH_SUBSCRIBE, name, len, &x->why)) {
+        if (!x->why)
+            x->why = "not allowed to subscribe to this channel";
         x->status = 403;
         return 1;
     }
@@ -601,6 +603,7 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
     const char *token = cfg->jwt_secret ? request_token(req, tbuf, sizeof(tbuf), &tlen) : NULL;
     if (token) {
         const char *why;
+        auth_free(c->grants);
         if (!(c->grants = auth_verify(token, tlen, cfg->jwt_secret, ev_now(loop), &why))) {
             stats.auth_refused++;
             respond_text(c, rc, 401, why, NULL);
@@ -630,6 +633,7 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
         each_name(list.data, list.len, sse_channel, &x);
     if (x.status) {
         buf_free(&list);
+        script_refused(c, r);
         respond_text(c, rc, x.status, x.why, NULL);
         return;
     }
@@ -793,6 +797,8 @@ static size_t process_http(struct conn *c, char *data, size_t len)
             break;
         if (rcode < 0) {
             struct reply_ctx rc = {.req = NULL};
+            if (rcode == -414 || rcode == -431)
+                stats.heads_too_big++;
             respond_text(c, &rc, -rcode, "malformed or oversized request", NULL);
             return len;
         }
@@ -1003,6 +1009,7 @@ static void on_timeout(struct conn *c)
             conn_touch(c);
             return;
         }
+        stats.http_timeouts++; /* a request too slow to arrive (slowloris), or an idle keep-alive */
         conn_close_now(c);
         break;
     case CONN_SSE: /* a comment keeps proxies from timing the stream out, and finds dead peers */
@@ -1011,6 +1018,7 @@ static void on_timeout(struct conn *c)
         break;
     case CONN_WS:
         if (c->awaiting_pong) {
+            stats.ping_timeouts++;
             conn_ws_close(c, WS_CLOSE_GOING_AWAY, "ping timeout");
             return;
         }
@@ -1104,6 +1112,7 @@ static void ip_release(struct conn *c)
     c->ip_counted = 0;
 }
 
+/* Answer 503 on a connection not taken on, and close it. */
 static void refuse(int fd)
 {
     static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
@@ -1111,7 +1120,29 @@ static void refuse(int fd)
     ssize_t w = write(fd, busy, sizeof(busy) - 1);
     (void)w;
     close(fd);
-    stats.connections_refused++;
+}
+
+static ev_timer accept_pause;
+
+static void on_accept_resume(struct ev_loop *l, ev_timer *w, int revents)
+{
+    if (shutting_down)
+        return;
+    ev_io_start(loop, &listen_io);
+    if (tls_listen_io.fd >= 0)
+        ev_io_start(loop, &tls_listen_io);
+}
+
+/* Out of descriptors and the spare one could not make room: stop accepting for a moment rather
+ * than be woken by the listen queue at once, again and again. */
+static void pause_accepting(void)
+{
+    ev_io_stop(loop, &listen_io);
+    if (tls_listen_io.fd >= 0)
+        ev_io_stop(loop, &tls_listen_io);
+    ev_timer_stop(loop, &accept_pause);
+    ev_timer_init(&accept_pause, on_accept_resume, 0.1, 0.);
+    ev_timer_start(loop, &accept_pause);
 }
 
 static void on_accept(struct ev_loop *l, ev_io *w, int revents)
@@ -1124,25 +1155,37 @@ static void on_accept(struct ev_loop *l, ev_io *w, int revents)
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            if ((errno == EMFILE || errno == ENFILE) && spare_fd >= 0) {
+            if (errno == EMFILE || errno == ENFILE) {
                 /* Out of descriptors: use the spare one to accept and close the connection, so
-                 * the listen queue does not wake the loop forever. */
+                 * the listen queue does not wake the loop forever. Logged at most every 10 s. */
                 static ev_tstamp last_warning;
-                if (ev_now(loop) - last_warning > 10) {
-                    log_warn("out of file descriptors (%s): refusing connections", strerror(errno));
+                stats.accept_errors++;
+                if (!last_warning || ev_now(loop) - last_warning > 10) {
+                    log_warn("out of file descriptors (%s): refusing connections (counted in "
+                             "accept_errors)", strerror(errno));
                     last_warning = ev_now(loop);
                 }
-                close(spare_fd);
-                fd = accept(w->fd, NULL, NULL);
-                if (fd >= 0)
-                    refuse(fd);
-                spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                if (spare_fd >= 0) {
+                    close(spare_fd);
+                    fd = accept(w->fd, NULL, NULL);
+                    int accept_errno = errno;
+                    if (fd >= 0)
+                        refuse(fd);
+                    spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                    if (fd < 0 && spare_fd >= 0 && (accept_errno == EAGAIN || accept_errno == EWOULDBLOCK))
+                        return; /* the queue is empty after all */
+                }
+                if (fd < 0 || spare_fd < 0) {
+                    pause_accepting();
+                    return;
+                }
                 continue;
             }
             return; /* EAGAIN */
         }
         if (shutting_down || conn_count() >= cfg->max_connections) {
             refuse(fd);
+            stats.connections_refused++;
             continue;
         }
         int one = 1;
@@ -1345,6 +1388,7 @@ void server_shutdown(void (*done)(void))
     shutdown_done = done;
     redis_src_stop();
     tail_stop();
+    ev_timer_stop(loop, &accept_pause);
     ev_io_stop(loop, &listen_io);
     close(listen_io.fd);
     if (tls_listen_io.fd >= 0) {

@@ -5,6 +5,7 @@
 #include "conn.h"
 
 #include <ev.h>
+#include <malloc.h>
 #include <stdlib.h>
 
 struct stats stats;
@@ -34,6 +35,18 @@ struct figure {
     double value;
 };
 
+/* Bytes the process has from malloc and not freed (the allocator's own view, so a leak shows
+ * here even where RSS hides it in pages that were already touched). */
+static size_t heap_bytes(void)
+{
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+#else
+    return 0;
+#endif
+}
+
 /* Every figure /stats and /metrics show, in one place so the two cannot drift apart. */
 static size_t collect(struct figure *f)
 {
@@ -49,6 +62,12 @@ static size_t collect(struct figure *f)
         stats.connections_refused);
     FIG("connections_refused_per_ip", COUNTER, "Connections refused over max_connections_per_ip",
         stats.connections_refused_per_ip);
+    FIG("accept_errors", COUNTER, "Connections refused for want of file descriptors",
+        stats.accept_errors);
+    FIG("http_timeouts", COUNTER, "HTTP connections closed by http_timeout (slow or idle)",
+        stats.http_timeouts);
+    FIG("ping_timeouts", COUNTER, "WebSockets closed for not answering a ping", stats.ping_timeouts);
+    FIG("heads_too_big", COUNTER, "Requests refused over max_head or max_headers", stats.heads_too_big);
     FIG("subscription_limit_hits", COUNTER, "Subscriptions refused over max_subscriptions",
         stats.subscription_limit_hits);
     FIG("auth_refused", COUNTER, "Requests refused by origin, token or grant checks", stats.auth_refused);
@@ -66,12 +85,13 @@ static size_t collect(struct figure *f)
     FIG("messages_too_big", COUNTER, "Messages refused for exceeding max_message",
         stats.messages_too_big);
     FIG("request_errors", COUNTER, "Malformed requests on the pub/sub route", stats.request_errors);
+    FIG("heap_bytes", GAUGE, "Bytes allocated with malloc and in use", heap_bytes());
     FIG("uptime_s", GAUGE, "Seconds since start", ev_time() - stats.started);
 #undef FIG
     return n;
 }
 
-#define MAX_FIGURES 32
+#define MAX_FIGURES 48
 
 void stats_render_json(struct buf *out)
 {

@@ -12,6 +12,10 @@ struct stats {
     uint64_t connections_total;
     uint64_t connections_refused;   /* over max_connections */
     uint64_t connections_refused_per_ip; /* over max_connections_per_ip */
+    uint64_t accept_errors;         /* connections refused for want of file descriptors */
+    uint64_t http_timeouts;         /* HTTP connections closed by http_timeout: slow or idle */
+    uint64_t ping_timeouts;         /* WebSockets closed for not answering a ping */
+    uint64_t heads_too_big;         /* requests refused over max_head or max_headers (414, 431) */
     uint64_t subscription_limit_hits;    /* subscribes refused over max_subscriptions */
     uint64_t auth_refused;          /* handshakes, operations and publishes refused for access */
     uint64_t rate_limited;          /* connections closed over message_rate */

@@ -159,6 +159,7 @@ class Herald:
         self.config_path = self.dir / name
         self.config_path.write_text(config_text(self.cfg))
         self.proc = None
+        self.preexec = None  # called in the child before exec (resource limits, ...)
         self.port = None
         self.lines = []
         self._lock = threading.Lock()
@@ -186,7 +187,7 @@ class Herald:
         self.proc = subprocess.Popen(
             [herald_bin(), "--config", str(self.config_path), "--port", str(port)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            cwd=str(self.dir))
+            cwd=str(self.dir), preexec_fn=self.preexec)
         t = threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True)
         t.start()
         self._reader = t

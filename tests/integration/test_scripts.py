@@ -552,6 +552,9 @@ def check_config(tmp_path, script_text, name="bad.lua"):
     ("return { open = 'not a function' }\n", r"bad\.lua: hook open must be a function, not string"),
     ("herald.publish('x', 'y')\nreturn {}\n",
      r"bad\.lua:1: herald\.publish cannot be used while the script loads"),
+    ("setmetatable({}, { __gc = function() while true do end end })\nreturn {}\n",
+     r"bad\.lua:1: __gc metamethods are not available"),
+    ("debug.setmetatable(1, {})\nreturn {}\n", r"bad\.lua:1: debug\.setmetatable is not available"),
 ])
 def test_a_script_that_does_not_load_fails_start_up(tmp_path, text, expected):
     r = check_config(tmp_path, text)

@@ -1,0 +1,119 @@
+/* pubsub.c - parsing and checking the generic route's requests. */
+#include "pubsub.h"
+
+#include <string.h>
+
+enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_COUNT };
+static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch"};
+
+/* A non-negative integer JSON number; -1 if it is anything else. */
+static int64_t span_seq(const struct json_span *s)
+{
+    if (s->type != JSON_NUMBER || s->len > 18)
+        return -1;
+    int64_t v = 0;
+    for (size_t i = 0; i < s->len; i++) {
+        if (s->p[i] < '0' || s->p[i] > '9')
+            return -1;
+        v = v * 10 + (s->p[i] - '0');
+    }
+    return v;
+}
+
+/* Decode a short JSON string member into out (room for cap bytes, NUL-terminated). -1 if it is
+ * not a string or its text is cap bytes or longer. */
+static int short_string(const struct json_span *s, char *out, size_t cap)
+{
+    /* Escapes make a token up to six times longer than its text. */
+    char tmp[(CHAN_NAME_MAX + 1) * 6 + 2];
+    if (s->type != JSON_STRING || s->len > sizeof(tmp) || cap > CHAN_NAME_MAX + 1)
+        return -1;
+    ssize_t n = json_string_decode(s->p, s->len, tmp);
+    if (n < 0 || (size_t)n >= cap)
+        return -1;
+    memcpy(out, tmp, (size_t)n);
+    out[n] = 0;
+    return (int)n;
+}
+
+int pubsub_parse(const char *data, size_t len, int binary, struct pubsub_request *req,
+                 const char **error, char error_buf[64])
+{
+    struct json_span v[KEY_COUNT];
+    memset(req, 0, sizeof(*req));
+    req->since = -1;
+    req->epoch_len = -1;
+    if (binary) {
+        *error = "binary messages are not accepted here: send JSON text";
+        return -1;
+    }
+    if (json_object_scan(data, len, request_keys, v, KEY_COUNT, error, error_buf) < 0)
+        return -1;
+    req->id = v[KEY_ID];
+    char op[32];
+    if (v[KEY_OP].type == JSON_NONE) {
+        *error = "missing \"op\"";
+        return -1;
+    }
+    if (short_string(&v[KEY_OP], op, sizeof(op)) < 0) {
+        *error = "\"op\" must be one of subscribe, unsubscribe, publish";
+        return -1;
+    }
+    if (strcmp(op, "subscribe") == 0)
+        req->op = PUBSUB_SUBSCRIBE;
+    else if (strcmp(op, "unsubscribe") == 0)
+        req->op = PUBSUB_UNSUBSCRIBE;
+    else if (strcmp(op, "publish") == 0)
+        req->op = PUBSUB_PUBLISH;
+    else {
+        *error = "unknown \"op\": expected subscribe, unsubscribe or publish";
+        return -1;
+    }
+    if (v[KEY_CHANNEL].type == JSON_NONE) {
+        *error = "missing \"channel\"";
+        return -1;
+    }
+    if (v[KEY_CHANNEL].type != JSON_STRING) {
+        *error = "\"channel\" must be a string";
+        return -1;
+    }
+    int clen = short_string(&v[KEY_CHANNEL], req->channel, sizeof(req->channel));
+    if (clen < 0) {
+        *error = "channel name is longer than 200 bytes";
+        return -1;
+    }
+    req->channel_len = (size_t)clen;
+    if (!chan_name_valid(req->channel, req->channel_len, error))
+        return -1;
+    if (req->op == PUBSUB_SUBSCRIBE) {
+        if (v[KEY_SINCE].type != JSON_NONE && (req->since = span_seq(&v[KEY_SINCE])) < 0) {
+            *error = "\"since\" must be a seq (a whole number >= 0)";
+            return -1;
+        }
+        if (v[KEY_EPOCH].type != JSON_NONE &&
+            (req->epoch_len = short_string(&v[KEY_EPOCH], req->epoch, sizeof(req->epoch))) < 0) {
+            *error = "\"epoch\" must be the string a subscribed reply gave";
+            return -1;
+        }
+    } else if (req->op == PUBSUB_PUBLISH) {
+        if (v[KEY_DATA].type == JSON_NONE) {
+            *error = "missing \"data\"";
+            return -1;
+        }
+        req->data = v[KEY_DATA];
+    }
+    return 0;
+}
+
+void pubsub_error_reply(struct buf *out, const char *error, const struct json_span *id)
+{
+    size_t n = strlen(error);
+    buf_append_str(out, "{\"op\":\"error\",\"error\":");
+    char *quoted = buf_reserve(out, JSON_STRING_ENCODED_MAX(n));
+    out->len += json_string_encode(error, n, quoted);
+    if (id && id->type != JSON_NONE) {
+        buf_append_str(out, ",\"id\":");
+        buf_append(out, id->p, id->len);
+    }
+    buf_append(out, "}", 1);
+}
