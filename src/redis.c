@@ -649,8 +649,9 @@ static void on_published(const struct chan_msg *m, void *arg)
 
 static void set_observer(int mirror)
 {
-    static const struct chan_observer obs = {on_first_subscriber, on_last_unsubscribed, on_published,
-                                             NULL};
+    static const struct chan_observer obs = {.first_subscriber = on_first_subscriber,
+                                             .last_unsubscribed = on_last_unsubscribed,
+                                             .published = on_published};
     chan_set_observer(mirror ? &obs : NULL);
 }
 

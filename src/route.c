@@ -7,6 +7,7 @@
 #include "auth.h"
 #include "json.h"
 #include "log.h"
+#include "pattern.h"
 #include "script.h"
 #include "stats.h"
 #include "ws.h"
@@ -92,6 +93,22 @@ static int each_channel(const char *list, size_t len, int (*fn)(const char *, si
 int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len)
 {
     if (!r->require_token || auth_allows(c->grants, (enum auth_action)action, channel, len))
+        return 1;
+    stats.auth_refused++;
+    return 0;
+}
+
+/* A pattern is allowed only if every channel it can match is: its literal beginning (up to the
+ * first "*" or ">" segment) must start with a prefix the token grants ("sensors.*.temp" needs
+ * "sensors.*", "sensors*" or "*"). A pattern without wildcards is the one channel it names. */
+static int route_allows_pattern(struct route *r, struct conn *c, const char *p, size_t len)
+{
+    size_t lit = 0;
+    while (lit < len && !((p[lit] == '*' || p[lit] == '>') && (lit == 0 || p[lit - 1] == '.')))
+        lit++;
+    if (lit == len)
+        return route_allows(r, c, AUTH_SUBSCRIBE, p, len);
+    if (!r->require_token || auth_allows_prefix(c->grants, AUTH_SUBSCRIBE, p, lit))
         return 1;
     stats.auth_refused++;
     return 0;
@@ -301,8 +318,13 @@ static void reply_error(struct conn *c, const char *error, const struct json_spa
     reply_end(c, id);
 }
 
-enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_COUNT };
-static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch"};
+enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_PATTERN, KEY_PRESENCE,
+       KEY_EVENTS, KEY_INFO, KEY_COUNT };
+static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch",
+                                                    "pattern", "presence", "events", "info"};
+
+/* Most members listed in a presence reply; "count" says how many there are. */
+#define PRESENCE_LIST_MAX 1000
 
 /* A non-negative integer JSON number; -1 if it is anything else. */
 static int64_t span_seq(const struct json_span *s)
@@ -334,6 +356,104 @@ static int short_string(const struct json_span *s, char *out, size_t cap)
     return (int)n;
 }
 
+/* A JSON true or false: 1 or 0; -1 when absent, -2 when another value. */
+static int span_bool(const struct json_span *s)
+{
+    if (s->type == JSON_NONE)
+        return -1;
+    return s->type == JSON_TRUE ? 1 : s->type == JSON_FALSE ? 0 : -2;
+}
+
+/* subscribe or unsubscribe with "pattern". */
+static void pattern_request(struct conn *c, const struct json_span *v, int is_sub, int is_unsub)
+{
+    const struct json_span *id = &v[KEY_ID];
+    const char *error;
+    if (!is_sub && !is_unsub) {
+        reply_error(c, "\"pattern\" goes with subscribe and unsubscribe (publish and presence take a "
+                       "\"channel\")", id);
+        return;
+    }
+    if (v[KEY_CHANNEL].type != JSON_NONE) {
+        reply_error(c, "give \"channel\" or \"pattern\", not both", id);
+        return;
+    }
+    if (v[KEY_SINCE].type != JSON_NONE || v[KEY_EPOCH].type != JSON_NONE ||
+        v[KEY_PRESENCE].type != JSON_NONE || v[KEY_EVENTS].type != JSON_NONE ||
+        v[KEY_INFO].type != JSON_NONE) {
+        reply_error(c, "since, epoch, presence, events and info go with a \"channel\", not a "
+                       "\"pattern\"", id);
+        return;
+    }
+    if (v[KEY_PATTERN].type != JSON_STRING) {
+        reply_error(c, "\"pattern\" must be a string", id);
+        return;
+    }
+    char pattern[PATTERN_MAX + 1];
+    int plen = short_string(&v[KEY_PATTERN], pattern, sizeof(pattern));
+    if (plen < 0) {
+        reply_error(c, "pattern is longer than 200 bytes", id);
+        return;
+    }
+    if (!pattern_valid(pattern, (size_t)plen, &error)) {
+        reply_error(c, error, id);
+        return;
+    }
+    if (is_sub && !route_allows_pattern(c->route, c, pattern, (size_t)plen)) {
+        reply_error(c, "not allowed to subscribe to this pattern (the token must grant every channel "
+                       "it can match)", id);
+        return;
+    }
+    if (is_sub) {
+        if (chan_psubscribe(c, pattern, (size_t)plen) < 0) {
+            reply_error(c, "subscription limit reached for this connection", id);
+            return;
+        }
+        reply_begin("subscribed");
+    } else {
+        chan_punsubscribe(c, pattern, (size_t)plen);
+        reply_begin("unsubscribed");
+    }
+    buf_printf(&scratch, ",\"pattern\":\"%s\"", pattern); /* nothing in a pattern needs escaping */
+    reply_end(c, id);
+}
+
+struct presence_list {
+    struct buf *b;
+    size_t count;
+};
+
+static void presence_item(const char *mid, size_t mid_len, const char *info, size_t info_len,
+                          struct conn *local, void *arg)
+{
+    struct presence_list *l = arg;
+    if (l->count++ >= PRESENCE_LIST_MAX)
+        return;
+    buf_printf(l->b, "%s{\"id\":\"%.*s\"", l->count > 1 ? "," : "", (int)mid_len, mid);
+    if (info_len) {
+        buf_append_str(l->b, ",\"info\":");
+        buf_append(l->b, info, info_len);
+    }
+    buf_append(l->b, "}", 1);
+}
+
+void route_presence_reply(struct conn *c, const char *name, size_t len, const char *id, size_t id_len)
+{
+    scratch.len = 0;
+    buf_printf(&scratch, "{\"op\":\"presence\",\"channel\":\"%.*s\",\"clients\":[", (int)len, name);
+    struct presence_list l = {&scratch, 0};
+    chan_presence_foreach(name, len, presence_item, &l);
+    buf_printf(&scratch, "],\"count\":%zu", l.count);
+    if (l.count > PRESENCE_LIST_MAX)
+        buf_append_str(&scratch, ",\"truncated\":true");
+    if (id) {
+        buf_append_str(&scratch, ",\"id\":");
+        buf_append(&scratch, id, id_len);
+    }
+    buf_append(&scratch, "}", 1);
+    route_send_text(c, scratch.data, scratch.len);
+}
+
 static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int binary)
 {
     struct json_span v[KEY_COUNT];
@@ -354,14 +474,42 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         return;
     }
     if (short_string(&v[KEY_OP], op, sizeof(op)) < 0) {
-        reply_error(c, "\"op\" must be one of subscribe, unsubscribe, publish", id);
+        reply_error(c, "\"op\" must be one of subscribe, unsubscribe, publish, presence", id);
         return;
     }
     int is_sub = strcmp(op, "subscribe") == 0, is_unsub = strcmp(op, "unsubscribe") == 0;
-    int is_pub = strcmp(op, "publish") == 0;
-    if (!is_sub && !is_unsub && !is_pub) {
-        reply_error(c, "unknown \"op\": expected subscribe, unsubscribe or publish", id);
+    int is_pub = strcmp(op, "publish") == 0, is_presence = strcmp(op, "presence") == 0;
+    if (!is_sub && !is_unsub && !is_pub && !is_presence) {
+        reply_error(c, "unknown \"op\": expected subscribe, unsubscribe, publish or presence", id);
         return;
+    }
+    if (v[KEY_PATTERN].type != JSON_NONE) {
+        pattern_request(c, v, is_sub, is_unsub);
+        return;
+    }
+    int presence = span_bool(&v[KEY_PRESENCE]), events = span_bool(&v[KEY_EVENTS]);
+    if (!is_sub && (presence != -1 || events != -1 || v[KEY_INFO].type != JSON_NONE)) {
+        reply_error(c, "presence, events and info go with subscribe", id);
+        return;
+    }
+    if (presence == -2 || events == -2) {
+        reply_error(c, presence == -2 ? "\"presence\" must be true or false"
+                                      : "\"events\" must be true or false", id);
+        return;
+    }
+    if (v[KEY_INFO].type != JSON_NONE) {
+        if (v[KEY_INFO].type != JSON_OBJECT) {
+            reply_error(c, "\"info\" must be a JSON object", id);
+            return;
+        }
+        if (v[KEY_INFO].len > CHAN_INFO_MAX) {
+            reply_error(c, "\"info\" is longer than 1024 bytes", id);
+            return;
+        }
+        if (presence != 1) {
+            reply_error(c, "\"info\" goes with \"presence\":true", id);
+            return;
+        }
     }
     char channel[CHAN_NAME_MAX + 1];
     if (v[KEY_CHANNEL].type == JSON_NONE) {
@@ -382,8 +530,15 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         return;
     }
     if (!route_allows(c->route, c, is_pub ? AUTH_PUBLISH : AUTH_SUBSCRIBE, channel, (size_t)clen) && !is_unsub) {
-        reply_error(c, is_pub ? "not allowed to publish to this channel"
-                              : "not allowed to subscribe to this channel", id);
+        reply_error(c, is_pub        ? "not allowed to publish to this channel"
+                       : is_presence ? "not allowed to see this channel's presence"
+                                     : "not allowed to subscribe to this channel", id);
+        return;
+    }
+    if (is_presence) {
+        const char *id_text = id->type != JSON_NONE ? id->p : NULL;
+        if (chan_presence_request(c, channel, (size_t)clen, id_text, id->len))
+            route_presence_reply(c, channel, (size_t)clen, id_text, id->len);
         return;
     }
     if (is_sub) {
@@ -415,6 +570,9 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         reply_end(c, id);
         if (recovered == 1 && since >= 0)
             chan_replay(c, channel, (size_t)clen, (uint64_t)since);
+        if (presence != -1 || events != -1)
+            chan_presence_set(c, channel, (size_t)clen, presence, events, v[KEY_INFO].p,
+                              v[KEY_INFO].type != JSON_NONE ? v[KEY_INFO].len : 0);
         return;
     } else if (is_unsub) {
         chan_unsubscribe(c, channel, (size_t)clen);

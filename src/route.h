@@ -89,4 +89,8 @@ int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *l
 /* Send a text frame to c, after anything published to it before (see chan_settle_for). */
 void route_send_text(struct conn *c, const char *text, size_t len);
 
+/* Answer c's presence request for channel name: {"op":"presence","channel":...,"clients":[...]},
+ * with the request's id (its JSON text; NULL: none). */
+void route_presence_reply(struct conn *c, const char *name, size_t len, const char *id, size_t id_len);
+
 #endif

@@ -10,6 +10,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -345,6 +346,169 @@ static void test_fanout_deflate(void)
     route_unref(r);
 }
 
+/* A figure from the "patterns" or "presence" object of /stats. */
+static unsigned long long figure(const char *section, const char *name)
+{
+    struct buf b = {0};
+    stats_render_json(&b);
+    buf_append(&b, "", 1);
+    char key[64];
+    snprintf(key, sizeof(key), "\"%s\":{", section);
+    const char *p = strstr(b.data, key);
+    p = p ? p + strlen(key) : NULL;
+    snprintf(key, sizeof(key), "\"%s\":", name);
+    p = p ? strstr(p, key) : NULL;
+    unsigned long long v = p ? strtoull(p + strlen(key), NULL, 10) : ~0ull;
+    buf_free(&b);
+    return v;
+}
+
+/* Pattern subscribers: matching channels only; one shared block per pattern group per pass; each
+ * message once per connection however many of its subscriptions match; order kept per channel
+ * when subscriptions change in the middle of a pass. */
+static void test_patterns(struct route *raw)
+{
+    struct peer a, b, c;
+    char got[4096];
+    peer_open(&a, raw);
+    peer_open(&b, raw);
+    peer_open(&c, raw);
+    unsigned long long walks = figure("patterns", "walks");
+    publish("s.x.temp", "before"); /* nobody has a pattern: the trie is not looked at */
+    CHECK_EQ(figure("patterns", "walks"), walks);
+    CHECK_EQ(chan_psubscribe(a.conn, "s.*.temp", 8), 1);
+    CHECK_EQ(chan_psubscribe(a.conn, "s.*.temp", 8), 0);
+    CHECK_EQ(chan_psubscribe(b.conn, "s.*.temp", 8), 1);
+    CHECK_EQ(figure("patterns", "subscriptions"), 2);
+    CHECK_EQ(figure("patterns", "patterns"), 1);
+    publish("s.x.temp", "1");
+    publish("s.y.temp", "2");
+    publish("s.y.hum", "no");
+    publish("s.x.y.temp", "no");
+    publish("s.z.temp", "3");
+    chan_settle();
+    /* Adjacent frames: one queue entry each, the same block for both. */
+    CHECK_EQ(a.conn->q_len, 1);
+    CHECK_EQ(b.conn->q_len, 1);
+    CHECK(a.conn->q[a.conn->q_head].blk == b.conn->q[b.conn->q_head].blk);
+    conn_flush_all();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 3);
+    CHECK(strcmp(got, "1|2|3|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 3);
+    CHECK(strcmp(got, "1|2|3|") == 0);
+
+    /* Overlap: c subscribes to the channel, to two patterns matching it and to one that does not. */
+    chan_subscribe(c.conn, "s.x.temp", 8);
+    chan_psubscribe(c.conn, "s.>", 3);
+    chan_psubscribe(c.conn, "*.x.*", 5);
+    chan_psubscribe(c.conn, "q.*", 3);
+    CHECK_EQ(c.conn->npsubs, 3);
+    publish("s.x.temp", "4");  /* the channel subscription: once */
+    publish("s.y.temp", "5");  /* s.> only (for c) */
+    publish("t.x.u", "6");     /* *.x.* only */
+    publish("s.x.u", "7");     /* s.> and *.x.*: once */
+    pass();
+    CHECK_EQ(peer_read(&c, got, sizeof(got), NULL), 4);
+    /* Each once; the order is kept per channel, not across channels. */
+    CHECK(strlen(got) == 8 && strstr(got, "4|") && strstr(got, "5|") && strstr(got, "6|") &&
+          strstr(got, "7|"));
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 2);
+    CHECK(strcmp(got, "4|5|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 2);
+
+    /* Mid-pass changes keep each channel's order: the channel subscription goes, comes, goes. */
+    chan_unsubscribe(c.conn, "s.x.temp", 8);
+    publish("s.x.temp", "8");    /* through a pattern now */
+    chan_subscribe(c.conn, "s.x.temp", 8);
+    publish("s.x.temp", "9");    /* through the channel */
+    chan_unsubscribe(c.conn, "s.x.temp", 8);
+    publish("s.x.temp", "10");   /* a pattern again */
+    chan_punsubscribe(c.conn, "s.>", 3);
+    publish("s.x.temp", "11");   /* still *.x.* */
+    chan_punsubscribe(c.conn, "*.x.*", 5);
+    publish("s.x.temp", "12");   /* nothing for c */
+    pass();
+    CHECK_EQ(peer_read(&c, got, sizeof(got), NULL), 4);
+    CHECK(strcmp(got, "8|9|10|11|") == 0);
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 5);
+    CHECK(strcmp(got, "8|9|10|11|12|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 5);
+
+    /* The subscription limit counts patterns too. */
+    chan_init(300, 2);
+    CHECK_EQ(c.conn->nsubs + c.conn->npsubs, 1);
+    CHECK_EQ(chan_subscribe(c.conn, "one", 3), 1);
+    CHECK_EQ(chan_psubscribe(c.conn, "two.*", 5), -1);
+    CHECK_EQ(chan_subscribe(c.conn, "three", 5), -1);
+    chan_init(300, 1000);
+
+    /* Closing drops every subscription, and the trie empties. */
+    conn_close_now(a.conn);
+    conn_close_now(b.conn);
+    conn_close_now(c.conn);
+    pass();
+    CHECK_EQ(figure("patterns", "subscriptions"), 0);
+    CHECK_EQ(figure("patterns", "trie_nodes"), 0);
+    CHECK_EQ(chan_subscription_count(), 0);
+    walks = figure("patterns", "walks");
+    publish("s.x.temp", "after");
+    CHECK_EQ(figure("patterns", "walks"), walks);
+    close(a.fd);
+    close(b.fd);
+    close(c.fd);
+}
+
+static void member_cb(const char *id, size_t id_len, const char *info, size_t info_len,
+                      struct conn *local, void *arg)
+{
+    struct buf *b = arg;
+    buf_printf(b, "%.*s=%.*s;", (int)id_len, id, (int)info_len, info);
+}
+
+/* Presence: members with their info in the order they joined, join and leave events to listeners
+ * only, a leave when the connection goes. */
+static void test_presence(struct route *raw)
+{
+    struct peer a, b;
+    char got[4096];
+    peer_open(&a, raw);
+    peer_open(&b, raw);
+    CHECK_EQ(chan_presence_set(a.conn, "room", 4, 1, 1, NULL, 0), -1); /* not subscribed */
+    chan_subscribe(a.conn, "room", 4);
+    chan_subscribe(b.conn, "room", 4);
+    CHECK_EQ(chan_presence_set(a.conn, "room", 4, -1, 1, NULL, 0), 0);
+    CHECK_EQ(chan_presence_set(b.conn, "room", 4, 1, -1, "{\"n\":\"bob\"}", 11), 0);
+    CHECK_EQ(chan_presence_set(a.conn, "room", 4, 1, -1, "{}", 2), 0);
+    struct buf list = {0};
+    chan_presence_foreach("room", 4, member_cb, &list);
+    buf_append(&list, "", 1);
+    char want[256];
+    snprintf(want, sizeof(want), "%s:%llu={\"n\":\"bob\"};%s:%llu={};", chan_node_id(),
+             (unsigned long long)b.conn->id, chan_node_id(), (unsigned long long)a.conn->id);
+    CHECK(strcmp(list.data, want) == 0);
+    buf_free(&list);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 2); /* both joins, its own too */
+    CHECK(strstr(got, "\"op\":\"join\",\"channel\":\"room\"") && strstr(got, "\"info\":{\"n\":\"bob\"}"));
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 0); /* not a listener */
+    CHECK_EQ(figure("presence", "members"), 2);
+    CHECK_EQ(figure("presence", "listeners"), 1);
+    conn_close_now(b.conn);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 1);
+    CHECK(strstr(got, "\"op\":\"leave\"") != NULL);
+    CHECK_EQ(figure("presence", "members"), 1);
+    chan_unsubscribe(a.conn, "room", 4);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 0); /* not told of its own leave */
+    CHECK_EQ(figure("presence", "members"), 0);
+    CHECK_EQ(figure("presence", "channels"), 0);
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+    close(b.fd);
+}
+
 int main(void)
 {
     loop = ev_default_loop(0);
@@ -355,6 +519,8 @@ int main(void)
     test_fanout(raw);
     test_slow_consumer(raw);
     test_fanout_deflate();
+    test_patterns(raw);
+    test_presence(raw);
     route_unref(raw);
     return TEST_REPORT();
 }
