@@ -1161,6 +1161,22 @@ int chan_punsubscribe(struct conn *c, const char *text, size_t len)
     return 1;
 }
 
+static void wanted_cb(struct pattern_node *n, void *arg)
+{
+    if (((struct ppat *)pattern_data(n))->nsubs)
+        *(int *)arg = 1;
+}
+
+int chan_pattern_wanted(const char *name, size_t len)
+{
+    int wanted = 0;
+    if (psub_total) {
+        pstats.walks++;
+        pstats.nodes_visited += pattern_match(trie, name, len, 0, wanted_cb, &wanted);
+    }
+    return wanted;
+}
+
 void chan_foreach_pattern(void (*fn)(const char *pattern, size_t len, void *arg), void *arg)
 {
     for (struct ppat *p = ppat_list; p; p = p->list_next)

@@ -73,6 +73,8 @@ void chan_unsubscribe_all(struct conn *c);
 int chan_psubscribe(struct conn *c, const char *pattern, size_t len);
 /* Returns 1, or 0 if c was not subscribed to the pattern. */
 int chan_punsubscribe(struct conn *c, const char *pattern, size_t len);
+/* 1 if a pattern with local subscribers matches the channel name. */
+int chan_pattern_wanted(const char *name, size_t len);
 
 /* Hand every batch published since the last call to its subscribers' queues. */
 void chan_settle(void);
