@@ -1372,7 +1372,7 @@ static void subscribe_events(const char *name, size_t len, void *arg)
 {
     char ev[EVENTS_PREFIX_LEN + CHAN_NAME_MAX + 1];
     size_t n = events_channel(ev, name, len);
-    batch_add("SUBSCRIBE", ev, n);
+    sub_command("SUBSCRIBE", ev, n); /* now: a batch would keep a pointer to ev */
 }
 
 /* The subscriber went: nothing is confirmed any more; followed channels wait for it again, and
