@@ -956,15 +956,15 @@ static void pgroup_flush(struct pgroup *g)
 static void pgroup_add_frame(struct pgroup *g, struct chan_msg *m)
 {
     const struct rframe *f = frame_for(g->route, m);
+    size_t need = f->frame.len;
+    struct block *b = g->batch;
+    /* As for channel groups: a batch others hold never moves, so a full one is handed out first. */
+    if (!f->dropped && b && b->refs > 1 && b->cap - b->len < need)
+        pgroup_flush(g);
     g->frame_stamp = deliver_stamp;
     g->frame_len = 0;
     if (f->dropped)
         return;
-    size_t need = f->frame.len;
-    struct block *b = g->batch;
-    /* As for channel groups: a batch others hold never moves, so a full one is handed out first. */
-    if (b && b->refs > 1 && b->cap - b->len < need)
-        pgroup_flush(g);
     if (!g->batch)
         g->batch = block_new(need > 4096 ? need : 4096);
     g->frame_off = g->batch->len;
