@@ -113,6 +113,7 @@ struct ppat {
 struct pgroup {
     struct ppat *pat;
     struct route *route;
+    uint8_t pmd_bits;          /* its subscribers' permessage-deflate window, as for groups */
     struct pgroup *next;       /* the pattern's next group */
     struct pgroup *dirty_next; /* on the pattern dirty list while it has frames this pass */
     struct psub **subs;
@@ -447,6 +448,8 @@ static void group_deflate(struct group *g, const char **p, size_t *len, int *opc
 static struct pmatch *chan_patterns(struct chan *ch);
 struct rframe;
 static struct rframe *frame_keep(struct route *r, const char *payload, size_t len, int opcode);
+static struct rframe *frame_set(struct route *r, uint8_t bits, const char *payload, size_t len,
+                                int opcode);
 static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch *pm);
 
 uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
@@ -485,8 +488,11 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         const char *payload = route_data;
         size_t len = route_len;
         int opcode = route_opcode;
-        if (g->pmd_bits && opcode != ROUTE_OP_UNFRAMED)
+        if (g->pmd_bits && opcode != ROUTE_OP_UNFRAMED) {
             group_deflate(g, &payload, &len, &opcode);
+            if (patterns) /* and pattern subscribers with the same window */
+                frame_set(g->route, g->pmd_bits, payload, len, opcode);
+        }
         group_make_room(g, len + WS_MAX_HEADER);
         if (opcode != ROUTE_OP_UNFRAMED) {
             uint8_t hdr[WS_MAX_HEADER];
@@ -797,23 +803,26 @@ const char *chan_first_name(const struct conn *c, size_t *len)
 /* Every pattern with subscribers or settling groups, for chan_foreach_pattern. */
 static struct ppat *ppat_list;
 
-/* The frame each route makes of the message being published (deliver_stamp), kept for the pattern
- * groups of that route: a route encodes a message once, whoever receives it. */
+/* The payload each route makes of the message being published (deliver_stamp), for its pattern
+ * groups: a route encodes a message once, and compresses it once per permessage-deflate window,
+ * whoever receives it. */
 struct rframe {
     struct route *route;
+    uint8_t pmd_bits;   /* the window it is compressed for; 0: as the route made it */
+    uint8_t dropped;    /* the route drops the message */
+    int opcode;         /* the frame's, RSV1 included; ROUTE_OP_UNFRAMED: no frame */
     uint64_t stamp;
-    int dropped;      /* the route drops the message */
-    struct buf frame; /* header and payload */
+    struct buf payload;
 };
 static struct rframe *rframes;
 static size_t nrframes;
 
-/* The slot for route r's frame: its own, or one whose frame is of an earlier message. */
-static struct rframe *rframe_slot(struct route *r)
+/* The slot for route r's payload for window bits: its own, or one holding an earlier message's. */
+static struct rframe *rframe_slot(struct route *r, uint8_t bits)
 {
     struct rframe *free_slot = NULL;
     for (size_t i = 0; i < nrframes; i++) {
-        if (rframes[i].route == r)
+        if (rframes[i].route == r && rframes[i].pmd_bits == bits)
             return &rframes[i];
         if (!free_slot && rframes[i].stamp != deliver_stamp)
             free_slot = &rframes[i];
@@ -824,39 +833,63 @@ static struct rframe *rframe_slot(struct route *r)
         memset(free_slot, 0, sizeof(*free_slot));
     }
     free_slot->route = r;
+    free_slot->pmd_bits = bits;
     return free_slot;
 }
 
-/* Keep route r's frame of the current message (payload NULL: r drops it). */
-static struct rframe *frame_keep(struct route *r, const char *payload, size_t len, int opcode)
+/* Keep payload (NULL: the route drops the message) as the current message's for (r, bits). */
+static struct rframe *frame_set(struct route *r, uint8_t bits, const char *payload, size_t len,
+                                int opcode)
 {
-    struct rframe *f = rframe_slot(r);
+    struct rframe *f = rframe_slot(r, bits);
     f->stamp = deliver_stamp;
     f->dropped = payload == NULL;
-    f->frame.len = 0;
-    if (!payload)
-        return f;
-    if (opcode != ROUTE_OP_UNFRAMED) {
-        uint8_t hdr[WS_MAX_HEADER];
-        size_t hlen = ws_frame_header(hdr, opcode, 1, len, NULL);
-        buf_append(&f->frame, hdr, hlen);
-    }
-    buf_append(&f->frame, payload, len);
+    f->opcode = opcode;
+    f->payload.len = 0;
+    if (payload)
+        buf_append(&f->payload, payload, len);
     return f;
 }
 
-/* Route r's frame of the current message, made now if no channel subscriber's group made it. */
-static const struct rframe *frame_for(struct route *r, struct chan_msg *m)
+/* Keep route r's payload of the current message (NULL: r drops it) for its pattern groups. */
+static struct rframe *frame_keep(struct route *r, const char *payload, size_t len, int opcode)
+{
+    return frame_set(r, 0, payload, len, opcode);
+}
+
+static struct rframe *frame_find(struct route *r, uint8_t bits)
 {
     for (size_t i = 0; i < nrframes; i++)
-        if (rframes[i].route == r && rframes[i].stamp == deliver_stamp)
+        if (rframes[i].route == r && rframes[i].pmd_bits == bits && rframes[i].stamp == deliver_stamp)
             return &rframes[i];
-    const char *payload;
-    size_t len = 0;
-    int opcode = 0;
-    if (route_payload(r, m, &payload, &len, &opcode) < 0)
-        payload = NULL;
-    return frame_keep(r, payload, len, opcode);
+    return NULL;
+}
+
+/* Route r's payload of the current message for subscribers with permessage-deflate window bits (0:
+ * none): made now if no channel subscriber's group made the route's, and compressed now the first
+ * time a pattern group with that window asks. */
+static const struct rframe *frame_for(struct route *r, uint8_t bits, struct chan_msg *m)
+{
+    struct rframe *f = frame_find(r, bits);
+    if (f)
+        return f;
+    if (!(f = frame_find(r, 0))) {
+        const char *payload;
+        size_t len = 0;
+        int opcode = 0;
+        if (route_payload(r, m, &payload, &len, &opcode) < 0)
+            payload = NULL;
+        f = frame_keep(r, payload, len, opcode);
+    }
+    if (!bits || f->dropped || f->opcode == ROUTE_OP_UNFRAMED)
+        return f;
+    static struct buf plain, z; /* reused: compressing allocates nothing per delivery */
+    int opcode = f->opcode;
+    plain.len = 0;
+    buf_append(&plain, f->payload.data, f->payload.len); /* f may move when the slot is taken */
+    if (pmd_compress(bits, r->deflate_level, r->deflate_min_size, plain.data, plain.len, &z))
+        return frame_set(r, bits, z.data, z.len, opcode | WS_FRAME_RSV1);
+    return frame_set(r, bits, plain.data, plain.len, opcode);
 }
 
 static struct ppat **match_buf;
@@ -955,8 +988,12 @@ static void pgroup_flush(struct pgroup *g)
 /* Append the current message's frame for g's route to g's batch (once per message). */
 static void pgroup_add_frame(struct pgroup *g, struct chan_msg *m)
 {
-    const struct rframe *f = frame_for(g->route, m);
-    size_t need = f->frame.len;
+    const struct rframe *f = frame_for(g->route, g->pmd_bits, m);
+    uint8_t hdr[WS_MAX_HEADER];
+    size_t hlen = f->dropped || f->opcode == ROUTE_OP_UNFRAMED
+                      ? 0
+                      : ws_frame_header(hdr, f->opcode, 1, f->payload.len, NULL);
+    size_t need = hlen + f->payload.len;
     struct block *b = g->batch;
     /* As for channel groups: a batch others hold never moves, so a full one is handed out first. */
     if (!f->dropped && b && b->refs > 1 && b->cap - b->len < need)
@@ -968,7 +1005,8 @@ static void pgroup_add_frame(struct pgroup *g, struct chan_msg *m)
     if (!g->batch)
         g->batch = block_new(need > 4096 ? need : 4096);
     g->frame_off = g->batch->len;
-    g->batch = block_append(g->batch, f->frame.data, need);
+    g->batch = block_append(g->batch, hdr, hlen);
+    g->batch = block_append(g->batch, f->payload.data, f->payload.len);
     g->frame_len = need;
     if (!g->dirty) {
         g->dirty = 1;
@@ -1072,12 +1110,13 @@ int chan_psubscribe(struct conn *c, const char *text, size_t len)
         pattern_gen++;
     }
     struct pgroup *g = pat->groups;
-    while (g && g->route != c->route)
+    while (g && (g->route != c->route || g->pmd_bits != c->pmd.server_bits))
         g = g->next;
     if (!g) {
         g = xcalloc(1, sizeof(*g));
         g->pat = pat;
         g->route = route_ref(c->route);
+        g->pmd_bits = c->pmd.server_bits;
         g->next = pat->groups;
         pat->groups = g;
     }

@@ -8,9 +8,10 @@
  * the batch published since it subscribed, so a burst of messages reaches each subscriber as one
  * shared region written with one writev.
  *
- * Pattern subscribers are grouped the same way, per pattern and route. A published message is
- * matched against the pattern trie (skipped while nobody has a pattern), and each matching pattern
- * group gets the route's frame (encoded once per route) appended to its own batch; each of its
+ * Pattern subscribers are grouped the same way, per pattern, route and deflate window. A published
+ * message is matched against the pattern trie (skipped while nobody has a pattern), and each
+ * matching pattern group gets the route's frame (encoded once per route, compressed once per
+ * window) appended to its own batch; each of its
  * subscribers is owed the region of that batch it has not been given yet, extended while the
  * frames it gets are adjacent. A connection gets a message once however many of its subscriptions
  * match: a per-message stamp on the connection, set first on the channel's own subscribers that

@@ -346,6 +346,55 @@ static void test_fanout_deflate(void)
     route_unref(r);
 }
 
+/* Pattern subscribers with permessage-deflate: the message compressed once per window, shared
+ * with the channel's own compressed subscribers' window, plain for plain ones. */
+static void test_pattern_deflate(void)
+{
+    struct route *r = route_new(ROUTE_RAW, "/z/");
+    r->deflate = 1;
+    r->deflate_min_size = 20;
+    struct peer exact, p15a, p15b, p10, plain;
+    struct peer *all[] = {&exact, &p15a, &p15b, &p10, &plain};
+    static const uint8_t bits[] = {15, 15, 15, 10, 0};
+    struct pmd_inflater *inflaters[5];
+    for (int i = 0; i < 5; i++) {
+        peer_open(all[i], r);
+        all[i]->conn->pmd.server_bits = bits[i];
+        all[i]->wp.deflate = bits[i] != 0;
+        inflaters[i] = pmd_inflater_new(15, 1);
+        if (i == 0)
+            CHECK_EQ(chan_subscribe(all[i]->conn, "zp.a", 4), 1);
+        else
+            CHECK_EQ(chan_psubscribe(all[i]->conn, "zp.*", 4), 1);
+    }
+    const char *a = "a message long enough to be compressed: compressed, compressed, compressed";
+    uint64_t before = pmd_stats.compressed;
+    publish("zp.a", a);
+    publish("zp.b", a); /* nobody subscribes to the channel itself */
+    chan_settle();
+    /* zp.a: window 15 for the channel group, reused by the pattern's; window 10. zp.b: 15, 10. */
+    CHECK_EQ(pmd_stats.compressed - before, 4);
+    CHECK(p15a.conn->q[p15a.conn->q_head].blk == p15b.conn->q[p15b.conn->q_head].blk);
+    CHECK(p15a.conn->q[p15a.conn->q_head].blk != p10.conn->q[p10.conn->q_head].blk);
+    conn_flush_all();
+    char expect[512], got[4096];
+    for (int i = 0; i < 5; i++) {
+        int compressed = 0;
+        int n = i ? 2 : 1;
+        snprintf(expect, sizeof(expect), i ? "%s|%s|" : "%s|", a, a);
+        CHECK_EQ(peer_read_deflate(all[i], inflaters[i], got, sizeof(got), &compressed), n);
+        CHECK(strcmp(got, expect) == 0);
+        CHECK_EQ(compressed, bits[i] ? n : 0);
+    }
+    for (int i = 0; i < 5; i++) {
+        conn_close_now(all[i]->conn);
+        close(all[i]->fd);
+        pmd_inflater_free(inflaters[i]);
+    }
+    pass();
+    route_unref(r);
+}
+
 /* A figure from the "patterns" or "presence" object of /stats. */
 static unsigned long long figure(const char *section, const char *name)
 {
@@ -582,6 +631,7 @@ int main(void)
     test_fanout_deflate();
     test_patterns(raw);
     test_pattern_batch_full(raw);
+    test_pattern_deflate();
     test_presence(raw);
     route_unref(raw);
     return TEST_REPORT();
