@@ -184,6 +184,29 @@ def test_patterns_count_toward_max_subscriptions(herald):
     assert herald.stats()["subscription_limit_hits"] == 2
 
 
+@pytest.mark.herald(routes=[{"path": "/ws", "kind": "pubsub", "deflate": {"min_size": 32}}])
+def test_patterns_with_permessage_deflate(herald):
+    long_text = "compressible " * 40
+
+    async def main():
+        # websockets offers permessage-deflate; the other client declines it.
+        async with ws_connect(herald) as zipped, ws_connect(herald, compression=None) as plain, \
+                ws_connect(herald) as pub:
+            assert zipped.extensions and not plain.extensions
+            for ws in (zipped, plain):
+                await request(ws, {"op": "subscribe", "pattern": "z.>"})
+            await request(zipped, {"op": "subscribe", "channel": "z.a"})
+            for ch in ("z.a", "z.b.c"):
+                await publish(pub, ch, long_text)
+            for ws in (zipped, plain):
+                got = await drain(ws, 2)
+                assert sorted((m["channel"], m["data"]) for m in got) == \
+                    [("z.a", long_text), ("z.b.c", long_text)]
+                await expect_silence(ws, 0.2)
+    run(main())
+    assert herald.stats()["deflate_compressed"] >= 2
+
+
 # --- cost ------------------------------------------------------------------------------------------
 
 
