@@ -6,7 +6,6 @@
 #include "config.h"
 #include "conn.h"
 #include "deflate.h"
-#include "json.h"
 #include "pattern.h"
 #include "route.h"
 #include "stats.h"

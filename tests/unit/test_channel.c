@@ -206,6 +206,7 @@ static void test_slow_consumer(struct route *raw)
     uint16_t code = 0;
     for (int i = 0; i < 100 && !code; i++) {
         CHECK(peer_read(&slow, got, sizeof(got), &code) >= 0);
+        ev_run(loop, EVRUN_NOWAIT); /* the rest goes out as the socket becomes writable */
         pass();
     }
     CHECK_EQ(code, WS_CLOSE_TRY_AGAIN);
@@ -619,6 +620,44 @@ static void test_presence(struct route *raw)
     close(b.fd);
 }
 
+/* A member dropped as a slow consumer while the queues are being written: its leave reaches the
+ * listeners in that same flush, not whenever the loop next wakes up. */
+static void test_presence_slow_member(struct route *raw)
+{
+    struct conn_limits lim = *conn_get_limits();
+    struct conn_limits saved = lim;
+    lim.send_queue = 64 * 1024;
+    conn_set_limits(&lim);
+    struct peer member, listener;
+    static char got[1 << 16];
+    peer_open(&member, raw);
+    peer_open(&listener, raw);
+    chan_subscribe(listener.conn, "hall", 4);
+    chan_presence_set(listener.conn, "hall", 4, -1, 1, NULL, 0);
+    chan_subscribe(member.conn, "hall", 4);
+    chan_presence_set(member.conn, "hall", 4, 1, -1, NULL, 0);
+    chan_subscribe(member.conn, "firehose", 8);
+    pass();
+    CHECK_EQ(peer_read(&listener, got, sizeof(got), NULL), 1); /* the join */
+    uint64_t dropped = stats.slow_consumers_dropped;
+    char payload[1024];
+    memset(payload, 'x', sizeof(payload) - 1);
+    payload[sizeof(payload) - 1] = 0;
+    for (int i = 0; i < 2000 && stats.slow_consumers_dropped == dropped; i++) {
+        publish("firehose", payload);
+        pass();
+    }
+    CHECK_EQ(stats.slow_consumers_dropped, dropped + 1);
+    CHECK_EQ(peer_read(&listener, got, sizeof(got), NULL), 1);
+    CHECK(strstr(got, "\"op\":\"leave\"") != NULL);
+    conn_close_now(member.conn);
+    conn_close_now(listener.conn);
+    pass();
+    close(member.fd);
+    close(listener.fd);
+    conn_set_limits(&saved);
+}
+
 int main(void)
 {
     loop = ev_default_loop(0);
@@ -633,6 +672,7 @@ int main(void)
     test_pattern_batch_full(raw);
     test_pattern_deflate();
     test_presence(raw);
+    test_presence_slow_member(raw);
     route_unref(raw);
     return TEST_REPORT();
 }
