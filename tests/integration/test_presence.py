@@ -2,6 +2,9 @@
 join and leave events for clients that ask for them, the presence op on /ws, herald.presence in
 Lua, and the same across two nodes in mirror mode, including a node killed with SIGKILL."""
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import re
 import signal
@@ -138,6 +141,32 @@ def test_presence_request_errors(herald_module):
                     (req, reply)
             assert (await presence(ws, "e"))["count"] == 0  # nothing half done
     run(main())
+
+
+SECRET = "0123456789abcdef-test-secret"
+
+
+def token(claims):
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = b64(hmac.new(SECRET.encode(), ("%s.%s" % (head, body)).encode(), hashlib.sha256).digest())
+    return "%s.%s.%s" % (head, body, sig)
+
+
+@pytest.mark.herald(routes=[{"path": "/ws", "kind": "pubsub", "auth": "token"}], jwt_secret=SECRET)
+def test_presence_needs_the_subscribe_grant(herald):
+    t = token({"exp": time.time() + 60, "subscribe": ["room:*"]})
+
+    async def main():
+        async with websockets.connect(herald.ws_url("/ws") + "?token=" + t, ping_interval=None) as ws:
+            await join(ws, "room:1", presence=True)
+            assert (await presence(ws, "room:1"))["count"] == 1
+            reply = await request(ws, {"op": "presence", "channel": "secret"})
+            assert reply == {"op": "error", "error": "not allowed to see this channel's presence"}
+    run(main())
+    assert herald.stats()["auth_refused"] == 1
 
 
 LUA_PRESENCE = """
