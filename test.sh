@@ -20,5 +20,5 @@ cmake --build build-asan -j"$jobs" >/dev/null
 
 echo "== fuzz targets"
 CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DHERALD_FUZZ=ON >/dev/null
-cmake --build build-fuzz -j"$jobs" --target fuzz_ws fuzz_http fuzz_json fuzz_deflate fuzz_config fuzz_pubsub >/dev/null
+cmake --build build-fuzz -j"$jobs" --target fuzz_ws fuzz_http fuzz_json fuzz_deflate fuzz_config fuzz_pubsub fuzz_pattern >/dev/null
 (cd build-fuzz && ctest --output-on-failure -R '^fuzz_')

@@ -242,7 +242,10 @@ static int ref_utf8_valid(const uint8_t *d, size_t n)
         }                                                                                  \
     } while (0)
 
-static const char *const fuzz_keys[] = {"op", "channel", "data", "id"};
+/* The members the /ws handler asks for. */
+static const char *const fuzz_keys[] = {"op", "channel", "data", "id", "since", "epoch",
+                                         "pattern", "presence", "events", "info"};
+#define NKEYS (sizeof(fuzz_keys) / sizeof(*fuzz_keys))
 
 /* The type a value starting with byte c must have. */
 static enum json_type type_of(uint8_t c)
@@ -288,16 +291,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
     ASSERT(got == want);
 
     /* Object scan. */
-    struct json_span v[4];
+    struct json_span v[NKEYS];
     const char *error = NULL;
     char error_buf[64];
     size_t first = 0;
     while (first < n && ref_ws_byte(d[first]))
         first++;
     int is_object = first < n && d[first] == '{';
-    if (json_object_scan(text, n, fuzz_keys, v, 4, &error, error_buf) == 0) {
+    if (json_object_scan(text, n, fuzz_keys, v, NKEYS, &error, error_buf) == 0) {
         ASSERT(want && is_object);
-        for (int i = 0; i < 4; i++) {
+        for (size_t i = 0; i < NKEYS; i++) {
             if (v[i].type == JSON_NONE) {
                 ASSERT(v[i].p == NULL && v[i].len == 0);
                 continue;
@@ -312,7 +315,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
         }
     } else {
         ASSERT(error != NULL && strlen(error) < 64);
-        for (int i = 0; i < 4; i++)
+        for (size_t i = 0; i < NKEYS; i++)
             ASSERT(v[i].type == JSON_NONE);
         if (strcmp(error, "not a JSON object") == 0) {
             ASSERT(!is_object);

@@ -211,4 +211,15 @@ int auth_allows(const struct auth_grants *g, enum auth_action action, const char
     return 0;
 }
 
+int auth_allows_prefix(const struct auth_grants *g, enum auth_action action, const char *prefix,
+                       size_t len)
+{
+    for (char **p = g ? g->patterns[action] : NULL; p && *p; p++) {
+        size_t plen = strlen(*p);
+        if (plen && (*p)[plen - 1] == '*' && len >= plen - 1 && memcmp(prefix, *p, plen - 1) == 0)
+            return 1;
+    }
+    return 0;
+}
+
 const char *auth_subject(const struct auth_grants *g) { return g ? g->subject : NULL; }

@@ -22,6 +22,10 @@ void auth_free(struct auth_grants *g);
 
 /* 1 if g allows action on channel[0..len), else 0. */
 int auth_allows(const struct auth_grants *g, enum auth_action action, const char *channel, size_t len);
+/* 1 if g allows action on every channel that starts with prefix[0..len) (a grant "x*" where x
+ * starts the prefix), else 0. */
+int auth_allows_prefix(const struct auth_grants *g, enum auth_action action, const char *prefix,
+                       size_t len);
 
 /* The token's "sub" claim, or NULL. */
 const char *auth_subject(const struct auth_grants *g);

@@ -1,10 +1,12 @@
-/* channel.c - channel registry (a keyed hash table), subscriptions and batched fan-out. */
+/* channel.c - channel registry (a keyed hash table), subscriptions to channels and patterns,
+ * batched fan-out, history and presence. */
 #include "channel.h"
 
 #include "buf.h"
 #include "config.h"
 #include "conn.h"
 #include "deflate.h"
+#include "pattern.h"
 #include "route.h"
 #include "stats.h"
 #include "ws.h"
@@ -15,13 +17,20 @@
 #include <string.h>
 
 struct group;
+struct member;
+
+#define NOT_LISTENING UINT32_MAX
 
 struct sub {
     struct conn *conn;
     struct group *group;
     struct sub *conn_next; /* the connection's next subscription */
+    struct sub *dual_prev, *dual_next; /* on the channel's dual list (its connection has patterns) */
+    struct member *member; /* its presence membership; NULL when not a member */
     uint32_t idx;          /* position in group->subs */
     uint32_t skip_msgs;    /* messages of the unsettled batch published before it subscribed */
+    uint32_t listener;     /* position in the presence's listeners, or NOT_LISTENING */
+    uint8_t dual;
     size_t skip;           /* batch offset where its messages start */
 };
 
@@ -59,11 +68,23 @@ struct history {
     double age;
 };
 
+/* The patterns a channel matched when the trie was last changed (generation gen), in the order
+ * they were created, so a connection with several of them is served through the same one while
+ * the set stays the same. */
+struct pmatch {
+    uint64_t gen;
+    uint32_t n, cap;
+    struct ppat *p[];
+};
+
 struct chan {
     struct chan *hnext;
     struct history *hist;               /* NULL unless a history rule covers the name */
     struct chan *idle_prev, *idle_next; /* on the idle list while it has no subscriber */
     struct group *groups;
+    struct sub *dual;                   /* subscribers whose connections also have patterns */
+    struct pmatch *pm;                  /* NULL until published to while patterns exist */
+    struct presence *pres;              /* NULL until a subscriber is a member or a listener */
     uint64_t hash;
     uint64_t seq;
     size_t nsubs;
@@ -72,6 +93,72 @@ struct chan {
     char name[];
 };
 
+/* --- patterns --- */
+
+struct pgroup;
+
+/* A pattern with local subscribers (or groups still settling): the data of its trie node. */
+struct ppat {
+    struct pattern_node *node;
+    struct ppat *list_prev, *list_next; /* every pattern, for chan_foreach_pattern */
+    struct pgroup *groups;
+    uint32_t nsubs;
+    uint32_t len;
+    char text[];
+};
+
+/* The subscribers of one pattern on one route. The frames of the messages its subscribers are
+ * given this pass are appended to batch; each subscriber is owed a region of it. */
+struct pgroup {
+    struct ppat *pat;
+    struct route *route;
+    uint8_t pmd_bits;          /* its subscribers' permessage-deflate window, as for groups */
+    struct pgroup *next;       /* the pattern's next group */
+    struct pgroup *dirty_next; /* on the pattern dirty list while it has frames this pass */
+    struct psub **subs;
+    uint32_t nsubs, cap;
+    struct block *batch;
+    uint64_t frame_stamp;      /* the message whose frame was last appended (or dropped) */
+    size_t frame_off, frame_len; /* where it is in batch; frame_len 0: the route dropped it */
+    uint8_t dirty;
+};
+
+/* A connection's subscription to a pattern. */
+struct psub {
+    struct conn *conn;
+    struct pgroup *group;
+    struct psub *conn_next;    /* the connection's next pattern subscription */
+    uint32_t idx;              /* position in group->subs */
+    uint32_t msgs;             /* messages in the region it is owed */
+    size_t start, end;         /* the region of group->batch it is owed, not queued yet */
+};
+
+/* --- presence --- */
+
+struct member {
+    struct member *prev, *next; /* the channel's members, in the order they joined */
+    struct sub *sub;
+    uint32_t info_len;
+    char info[];                /* a JSON object's text, or nothing */
+};
+
+struct presence {
+    struct member *head, *tail;
+    uint32_t nmembers;
+    struct sub **listeners;
+    uint32_t nlisteners, cap;
+};
+
+/* A presence request waiting for the observer to fetch other nodes' members. */
+struct preq {
+    struct preq *next;
+    struct conn *conn;
+    size_t name_len, id_len; /* id_len 0: the request had no id */
+    char data[];             /* the channel name, then the id's JSON text */
+};
+
+#define PREQ_MAX 10000 /* requests kept waiting at once; more are answered with what is known */
+
 static struct chan **table;
 static size_t table_size, chan_total;
 static uint64_t sub_total;
@@ -79,6 +166,21 @@ static struct group *dirty_list;
 static struct chan *idle_head, *idle_tail;
 static double idle_ttl = 300;
 static struct chan_observer observer;
+
+static struct pattern_trie *trie;   /* NULL until the first pattern subscription */
+static uint64_t pattern_gen = 1;    /* bumped when a pattern comes or goes: match caches are stale */
+static uint64_t psub_total;         /* pattern subscriptions; 0: publishing skips the trie */
+static uint64_t deliver_stamp;      /* one per message matched against patterns */
+static struct pgroup *pdirty_list;
+static struct {
+    uint64_t walks, nodes_visited, cache_hits, deliveries;
+} pstats;
+static struct {
+    uint64_t members, listeners, channels, events, joins, leaves;
+} prstats;
+static struct preq *preqs;
+static size_t npreqs;
+static char node_id[17];
 
 void chan_set_observer(const struct chan_observer *o)
 {
@@ -181,6 +283,9 @@ static void hist_free(struct history *h)
     free(h);
 }
 
+static void stats_json(struct buf *b, void *arg);
+static void stats_prom(struct buf *b, void *arg);
+
 void chan_init(double ttl, size_t max_subscriptions)
 {
     idle_ttl = ttl;
@@ -188,6 +293,8 @@ void chan_init(double ttl, size_t max_subscriptions)
     if (!table) {
         table_size = 1024;
         table = xcalloc(table_size, sizeof(*table));
+        static const struct stats_section section = {stats_json, stats_prom, NULL};
+        stats_add_section(&section);
     }
 }
 
@@ -290,6 +397,7 @@ static void chan_free(struct chan *ch)
     idle_unlink(ch);
     chan_total--;
     hist_free(ch->hist);
+    free(ch->pm);
     free(ch);
 }
 
@@ -336,6 +444,13 @@ static void group_deflate(struct group *g, const char **p, size_t *len, int *opc
     }
 }
 
+static struct pmatch *chan_patterns(struct chan *ch);
+struct rframe;
+static struct rframe *frame_keep(struct route *r, const char *payload, size_t len, int opcode);
+static struct rframe *frame_set(struct route *r, uint8_t bits, const char *payload, size_t len,
+                                int opcode);
+static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch *pm);
+
 uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
 {
     struct chan *ch = chan_lookup(m->channel, m->channel_len, 1);
@@ -347,6 +462,10 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         idle_unlink(ch);
         idle_append(ch, ev_time());
     }
+    /* Patterns matter only while someone subscribes to one: otherwise the trie is not looked at. */
+    int patterns = psub_total && chan_patterns(ch)->n;
+    if (patterns)
+        deliver_stamp++;
     /* A route's groups sit next to each other (see chan_subscribe), so its payload is made once
      * and serves its plain and its compressed subscribers alike. */
     struct route *made_for = NULL;
@@ -360,14 +479,19 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         if (g->route != made_for) {
             made_for = g->route;
             made = route_payload(g->route, m, &route_data, &route_len, &route_opcode);
+            if (patterns) /* pattern subscribers on this route get the same payload */
+                frame_keep(g->route, made < 0 ? NULL : route_data, route_len, route_opcode);
         }
         if (made < 0)
             continue;
         const char *payload = route_data;
         size_t len = route_len;
         int opcode = route_opcode;
-        if (g->pmd_bits && opcode != ROUTE_OP_UNFRAMED)
+        if (g->pmd_bits && opcode != ROUTE_OP_UNFRAMED) {
             group_deflate(g, &payload, &len, &opcode);
+            if (patterns) /* and pattern subscribers with the same window */
+                frame_set(g->route, g->pmd_bits, payload, len, opcode);
+        }
         group_make_room(g, len + WS_MAX_HEADER);
         if (opcode != ROUTE_OP_UNFRAMED) {
             uint8_t hdr[WS_MAX_HEADER];
@@ -382,12 +506,19 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
             dirty_list = g;
         }
     }
+    size_t by_pattern = 0;
+    if (patterns) {
+        /* Settling while batches filled up may have let patterns go: look again (a cache hit when
+         * none did). */
+        struct pmatch *pm = ch->pm->gen == pattern_gen ? ch->pm : chan_patterns(ch);
+        by_pattern = pattern_deliver(ch, m, pm);
+    }
     free(m->decoded);
     m->decoded = NULL;
     if (!m->remote && observer.published)
         observer.published(m, observer.arg);
     if (subscribers)
-        *subscribers = ch->nsubs;
+        *subscribers = ch->nsubs + by_pattern;
     return m->seq;
 }
 
@@ -420,8 +551,18 @@ static void group_settle(struct group *g)
     }
 }
 
+static void pgroup_flush(struct pgroup *g);
+static void pgroup_release(struct pgroup *g);
+
 void chan_settle(void)
 {
+    while (pdirty_list) {
+        struct pgroup *g = pdirty_list;
+        pdirty_list = g->dirty_next;
+        g->dirty = 0;
+        pgroup_flush(g);
+        pgroup_release(g);
+    }
     while (dirty_list) {
         struct group *g = dirty_list;
         dirty_list = g->dirty_next;
@@ -434,7 +575,7 @@ void chan_settle(void)
 
 void chan_settle_for(struct conn *c)
 {
-    if (c->nsubs && dirty_list)
+    if ((c->nsubs || c->npsubs) && (dirty_list || pdirty_list))
         chan_settle();
 }
 
@@ -446,15 +587,22 @@ static struct sub *find_sub(struct conn *c, struct chan *ch)
     return NULL;
 }
 
+static void conn_flush_patterns(struct conn *c);
+static void dual_link(struct sub *s);
+static void dual_unlink(struct sub *s);
+static void pres_drop(struct chan *ch, struct sub *s);
+
 int chan_subscribe(struct conn *c, const char *name, size_t len)
 {
     struct chan *ch = chan_lookup(name, len, 1);
     if (find_sub(c, ch))
         return 0;
-    if (c->nsubs >= max_subs_per_conn) {
+    if (c->nsubs + c->npsubs >= max_subs_per_conn) {
         stats.subscription_limit_hits++;
         return -1;
     }
+    /* What its patterns owe it of this channel goes before what the subscription brings. */
+    conn_flush_patterns(c);
     struct group *g = ch->groups;
     while (g && (g->route != c->route || g->pmd_bits != c->pmd.server_bits))
         g = g->next;
@@ -477,10 +625,11 @@ int chan_subscribe(struct conn *c, const char *name, size_t len)
         g->cap = g->cap ? g->cap * 2 : 4;
         g->subs = xrealloc(g->subs, g->cap * sizeof(*g->subs));
     }
-    struct sub *s = xmalloc(sizeof(*s));
+    struct sub *s = xcalloc(1, sizeof(*s));
     s->conn = c;
     s->group = g;
     s->idx = g->nsubs;
+    s->listener = NOT_LISTENING;
     /* Messages already batched this pass were published before this subscription. */
     s->skip = g->dirty && g->batch ? g->batch->len : 0;
     s->skip_msgs = g->dirty ? g->pending_msgs : 0;
@@ -488,6 +637,8 @@ int chan_subscribe(struct conn *c, const char *name, size_t len)
     s->conn_next = c->subs;
     c->subs = s;
     c->nsubs++;
+    if (c->psubs)
+        dual_link(s);
     if (ch->nsubs++ == 0) {
         idle_unlink(ch);
         if (observer.first_subscriber)
@@ -501,6 +652,9 @@ static void sub_remove(struct sub *s)
 {
     struct group *g = s->group;
     struct chan *ch = g->chan;
+    if (s->member || s->listener != NOT_LISTENING)
+        pres_drop(ch, s);
+    dual_unlink(s);
     if (g->dirty && g->batch) {
         /* It was subscribed when these were published: it still gets them, before whatever is
          * queued to it next. */
@@ -533,14 +687,27 @@ int chan_unsubscribe(struct conn *c, const char *name, size_t len)
         pp = &(*pp)->conn_next;
     if (!*pp)
         return 0;
+    conn_flush_patterns(c);
     struct sub *s = *pp;
     *pp = s->conn_next;
     sub_remove(s);
     return 1;
 }
 
+static void psub_remove(struct psub *ps);
+static void preq_cancel(struct conn *c);
+
 void chan_unsubscribe_all(struct conn *c)
 {
+    while (c->psubs) {
+        struct psub *ps = c->psubs;
+        c->psubs = ps->conn_next;
+        if (c->state == CONN_DEAD) /* nothing can be queued to it any more */
+            ps->start = ps->end = 0;
+        psub_remove(ps);
+    }
+    if (npreqs)
+        preq_cancel(c);
     while (c->subs) {
         struct sub *s = c->subs;
         c->subs = s->conn_next;
@@ -628,4 +795,749 @@ const char *chan_first_name(const struct conn *c, size_t *len)
         return NULL;
     *len = c->subs->group->chan->name_len;
     return c->subs->group->chan->name;
+}
+
+/* --- pattern subscriptions --------------------------------------------------------------------- */
+
+/* Every pattern with subscribers or settling groups, for chan_foreach_pattern. */
+static struct ppat *ppat_list;
+
+/* The payload each route makes of the message being published (deliver_stamp), for its pattern
+ * groups: a route encodes a message once, and compresses it once per permessage-deflate window,
+ * whoever receives it. */
+struct rframe {
+    struct route *route;
+    uint8_t pmd_bits;   /* the window it is compressed for; 0: as the route made it */
+    uint8_t dropped;    /* the route drops the message */
+    int opcode;         /* the frame's, RSV1 included; ROUTE_OP_UNFRAMED: no frame */
+    uint64_t stamp;
+    struct buf payload;
+};
+static struct rframe *rframes;
+static size_t nrframes;
+
+/* The slot for route r's payload for window bits: its own, or one holding an earlier message's. */
+static struct rframe *rframe_slot(struct route *r, uint8_t bits)
+{
+    struct rframe *free_slot = NULL;
+    for (size_t i = 0; i < nrframes; i++) {
+        if (rframes[i].route == r && rframes[i].pmd_bits == bits)
+            return &rframes[i];
+        if (!free_slot && rframes[i].stamp != deliver_stamp)
+            free_slot = &rframes[i];
+    }
+    if (!free_slot) {
+        rframes = xrealloc(rframes, (nrframes + 1) * sizeof(*rframes));
+        free_slot = &rframes[nrframes++];
+        memset(free_slot, 0, sizeof(*free_slot));
+    }
+    free_slot->route = r;
+    free_slot->pmd_bits = bits;
+    return free_slot;
+}
+
+/* Keep payload (NULL: the route drops the message) as the current message's for (r, bits). */
+static struct rframe *frame_set(struct route *r, uint8_t bits, const char *payload, size_t len,
+                                int opcode)
+{
+    struct rframe *f = rframe_slot(r, bits);
+    f->stamp = deliver_stamp;
+    f->dropped = payload == NULL;
+    f->opcode = opcode;
+    f->payload.len = 0;
+    if (payload)
+        buf_append(&f->payload, payload, len);
+    return f;
+}
+
+/* Keep route r's payload of the current message (NULL: r drops it) for its pattern groups. */
+static struct rframe *frame_keep(struct route *r, const char *payload, size_t len, int opcode)
+{
+    return frame_set(r, 0, payload, len, opcode);
+}
+
+static struct rframe *frame_find(struct route *r, uint8_t bits)
+{
+    for (size_t i = 0; i < nrframes; i++)
+        if (rframes[i].route == r && rframes[i].pmd_bits == bits && rframes[i].stamp == deliver_stamp)
+            return &rframes[i];
+    return NULL;
+}
+
+/* Route r's payload of the current message for subscribers with permessage-deflate window bits (0:
+ * none): made now if no channel subscriber's group made the route's, and compressed now the first
+ * time a pattern group with that window asks. */
+static const struct rframe *frame_for(struct route *r, uint8_t bits, struct chan_msg *m)
+{
+    struct rframe *f = frame_find(r, bits);
+    if (f)
+        return f;
+    if (!(f = frame_find(r, 0))) {
+        const char *payload;
+        size_t len = 0;
+        int opcode = 0;
+        if (route_payload(r, m, &payload, &len, &opcode) < 0)
+            payload = NULL;
+        f = frame_keep(r, payload, len, opcode);
+    }
+    if (!bits || f->dropped || f->opcode == ROUTE_OP_UNFRAMED)
+        return f;
+    static struct buf plain, z; /* reused: compressing allocates nothing per delivery */
+    int opcode = f->opcode;
+    plain.len = 0;
+    buf_append(&plain, f->payload.data, f->payload.len); /* f may move when the slot is taken */
+    if (pmd_compress(bits, r->deflate_level, r->deflate_min_size, plain.data, plain.len, &z))
+        return frame_set(r, bits, z.data, z.len, opcode | WS_FRAME_RSV1);
+    return frame_set(r, bits, plain.data, plain.len, opcode);
+}
+
+static struct ppat **match_buf;
+static size_t match_n, match_cap;
+
+static void match_cb(struct pattern_node *n, void *arg)
+{
+    if (match_n == match_cap) {
+        match_cap = match_cap ? match_cap * 2 : 16;
+        match_buf = xrealloc(match_buf, match_cap * sizeof(*match_buf));
+    }
+    match_buf[match_n++] = pattern_data(n);
+}
+
+/* The patterns that match ch, from its cache while no pattern came or went since it was made. */
+static struct pmatch *chan_patterns(struct chan *ch)
+{
+    struct pmatch *pm = ch->pm;
+    if (pm && pm->gen == pattern_gen) {
+        pstats.cache_hits++;
+        return pm;
+    }
+    match_n = 0;
+    pstats.walks++;
+    pstats.nodes_visited += pattern_match(trie, ch->name, ch->name_len, 0, match_cb, NULL);
+    /* Oldest pattern first (a handful at most: insertion sort). */
+    for (size_t i = 1; i < match_n; i++) {
+        struct ppat *p = match_buf[i];
+        size_t k = i;
+        for (; k > 0 && pattern_serial(match_buf[k - 1]->node) > pattern_serial(p->node); k--)
+            match_buf[k] = match_buf[k - 1];
+        match_buf[k] = p;
+    }
+    if (!pm || pm->cap < match_n) {
+        uint32_t cap = match_n > 4 ? (uint32_t)match_n : 4;
+        pm = xrealloc(pm, sizeof(*pm) + cap * sizeof(pm->p[0]));
+        pm->cap = cap;
+        ch->pm = pm;
+    }
+    pm->n = (uint32_t)match_n;
+    if (match_n)
+        memcpy(pm->p, match_buf, match_n * sizeof(pm->p[0]));
+    pm->gen = pattern_gen;
+    return pm;
+}
+
+/* Queue to its connection the region of its group's batch ps is owed. */
+static void psub_flush(struct psub *ps)
+{
+    if (ps->end > ps->start) {
+        conn_queue_block(ps->conn, ps->group->batch, ps->start, ps->end - ps->start);
+        stats.messages_out += ps->msgs;
+    }
+    ps->start = ps->end = 0;
+    ps->msgs = 0;
+}
+
+/* ps is owed batch[off, end) too: one region while its frames are adjacent. */
+static void psub_owe(struct psub *ps, size_t off, size_t end)
+{
+    if (ps->end > ps->start && ps->end == off) {
+        ps->end = end;
+        ps->msgs++;
+        return;
+    }
+    psub_flush(ps);
+    ps->start = off;
+    ps->end = end;
+    ps->msgs = 1;
+}
+
+static void conn_flush_patterns(struct conn *c)
+{
+    for (struct psub *ps = c->psubs; ps; ps = ps->conn_next)
+        psub_flush(ps);
+}
+
+/* Give g's subscribers what they are owed, then drop the batch, or keep it for the next pass while
+ * it has room and nobody else holds it. */
+static void pgroup_flush(struct pgroup *g)
+{
+    for (uint32_t i = 0; i < g->nsubs; i++)
+        psub_flush(g->subs[i]);
+    struct block *b = g->batch;
+    g->frame_stamp = 0;
+    if (!b)
+        return;
+    if (b->refs > 1 || b->cap - b->len < 1024) {
+        block_unref(b);
+        g->batch = NULL;
+    } else {
+        b->len = 0;
+    }
+}
+
+/* Append the current message's frame for g's route to g's batch (once per message). */
+static void pgroup_add_frame(struct pgroup *g, struct chan_msg *m)
+{
+    const struct rframe *f = frame_for(g->route, g->pmd_bits, m);
+    uint8_t hdr[WS_MAX_HEADER];
+    size_t hlen = f->dropped || f->opcode == ROUTE_OP_UNFRAMED
+                      ? 0
+                      : ws_frame_header(hdr, f->opcode, 1, f->payload.len, NULL);
+    size_t need = hlen + f->payload.len;
+    struct block *b = g->batch;
+    /* As for channel groups: a batch others hold never moves, so a full one is handed out first. */
+    if (!f->dropped && b && b->refs > 1 && b->cap - b->len < need)
+        pgroup_flush(g);
+    g->frame_stamp = deliver_stamp;
+    g->frame_len = 0;
+    if (f->dropped)
+        return;
+    if (!g->batch)
+        g->batch = block_new(need > 4096 ? need : 4096);
+    g->frame_off = g->batch->len;
+    g->batch = block_append(g->batch, hdr, hlen);
+    g->batch = block_append(g->batch, f->payload.data, f->payload.len);
+    g->frame_len = need;
+    if (!g->dirty) {
+        g->dirty = 1;
+        g->dirty_next = pdirty_list;
+        pdirty_list = g;
+    }
+}
+
+/* Give m (being published on ch) to the subscribers of the patterns that match ch, each connection
+ * once, and none that got it as a subscriber of ch. Returns the number of connections. */
+static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch *pm)
+{
+    uint64_t stamp = deliver_stamp;
+    size_t n = 0;
+    for (struct sub *s = ch->dual; s; s = s->dual_next)
+        s->conn->pattern_stamp = stamp;
+    for (uint32_t i = 0; i < pm->n; i++) {
+        for (struct pgroup *g = pm->p[i]->groups; g; g = g->next) {
+            for (uint32_t k = 0; k < g->nsubs; k++) {
+                struct psub *ps = g->subs[k];
+                if (ps->conn->pattern_stamp == stamp)
+                    continue;
+                ps->conn->pattern_stamp = stamp;
+                if (g->frame_stamp != stamp)
+                    pgroup_add_frame(g, m);
+                if (!g->frame_len)
+                    continue; /* the route dropped it (and would through any other pattern) */
+                psub_owe(ps, g->frame_off, g->frame_off + g->frame_len);
+                n++;
+            }
+        }
+    }
+    pstats.deliveries += n;
+    return n;
+}
+
+static void dual_link(struct sub *s)
+{
+    struct chan *ch = s->group->chan;
+    s->dual = 1;
+    s->dual_prev = NULL;
+    s->dual_next = ch->dual;
+    if (ch->dual)
+        ch->dual->dual_prev = s;
+    ch->dual = s;
+}
+
+static void dual_unlink(struct sub *s)
+{
+    if (!s->dual)
+        return;
+    struct chan *ch = s->group->chan;
+    if (s->dual_prev)
+        s->dual_prev->dual_next = s->dual_next;
+    else
+        ch->dual = s->dual_next;
+    if (s->dual_next)
+        s->dual_next->dual_prev = s->dual_prev;
+    s->dual = 0;
+    s->dual_prev = s->dual_next = NULL;
+}
+
+static struct psub *find_psub(struct conn *c, const char *text, size_t len, struct psub ***link)
+{
+    struct psub **pp = &c->psubs;
+    for (; *pp; pp = &(*pp)->conn_next) {
+        struct ppat *p = (*pp)->group->pat;
+        if (p->len == len && memcmp(p->text, text, len) == 0)
+            break;
+    }
+    if (link)
+        *link = pp;
+    return *pp;
+}
+
+int chan_psubscribe(struct conn *c, const char *text, size_t len)
+{
+    if (find_psub(c, text, len, NULL))
+        return 0;
+    if (c->nsubs + c->npsubs >= max_subs_per_conn) {
+        stats.subscription_limit_hits++;
+        return -1;
+    }
+    if (!trie)
+        trie = pattern_trie_new();
+    /* A channel may now come to it through this pattern rather than another: what the others owe
+     * goes first. */
+    conn_flush_patterns(c);
+    struct pattern_node *node = pattern_find(trie, text, len);
+    struct ppat *pat = node ? pattern_data(node) : NULL;
+    if (!pat) {
+        pat = xcalloc(1, sizeof(*pat) + len + 1);
+        memcpy(pat->text, text, len);
+        pat->len = (uint32_t)len;
+        pat->node = pattern_add(trie, text, len);
+        pattern_set_data(pat->node, pat);
+        pat->list_next = ppat_list;
+        if (ppat_list)
+            ppat_list->list_prev = pat;
+        ppat_list = pat;
+        pattern_gen++;
+    }
+    struct pgroup *g = pat->groups;
+    while (g && (g->route != c->route || g->pmd_bits != c->pmd.server_bits))
+        g = g->next;
+    if (!g) {
+        g = xcalloc(1, sizeof(*g));
+        g->pat = pat;
+        g->route = route_ref(c->route);
+        g->pmd_bits = c->pmd.server_bits;
+        g->next = pat->groups;
+        pat->groups = g;
+    }
+    if (g->nsubs == g->cap) {
+        g->cap = g->cap ? g->cap * 2 : 4;
+        g->subs = xrealloc(g->subs, g->cap * sizeof(*g->subs));
+    }
+    struct psub *ps = xcalloc(1, sizeof(*ps));
+    ps->conn = c;
+    ps->group = g;
+    ps->idx = g->nsubs;
+    g->subs[g->nsubs++] = ps;
+    if (!c->psubs) /* its channel subscriptions now take part in deduplication */
+        for (struct sub *s = c->subs; s; s = s->conn_next)
+            dual_link(s);
+    ps->conn_next = c->psubs;
+    c->psubs = ps;
+    c->npsubs++;
+    psub_total++;
+    if (pat->nsubs++ == 0 && observer.first_pattern)
+        observer.first_pattern(pat->text, pat->len, observer.arg);
+    return 1;
+}
+
+/* Free a group with no subscribers once it is settled, and its pattern once it has no group. */
+static void pgroup_release(struct pgroup *g)
+{
+    if (g->nsubs || g->dirty)
+        return;
+    struct ppat *pat = g->pat;
+    struct pgroup **pp = &pat->groups;
+    while (*pp != g)
+        pp = &(*pp)->next;
+    *pp = g->next;
+    block_unref(g->batch);
+    route_unref(g->route);
+    free(g->subs);
+    free(g);
+    if (pat->groups)
+        return;
+    if (pat->list_prev)
+        pat->list_prev->list_next = pat->list_next;
+    else
+        ppat_list = pat->list_next;
+    if (pat->list_next)
+        pat->list_next->list_prev = pat->list_prev;
+    pattern_remove(trie, pat->node);
+    free(pat);
+    pattern_gen++;
+}
+
+/* ps is already off its connection's list. */
+static void psub_remove(struct psub *ps)
+{
+    struct pgroup *g = ps->group;
+    struct ppat *pat = g->pat;
+    struct conn *c = ps->conn;
+    psub_flush(ps); /* it was subscribed when these were published */
+    g->subs[ps->idx] = g->subs[--g->nsubs];
+    g->subs[ps->idx]->idx = ps->idx;
+    c->npsubs--;
+    psub_total--;
+    if (!c->psubs)
+        for (struct sub *s = c->subs; s; s = s->conn_next)
+            dual_unlink(s);
+    if (--pat->nsubs == 0 && observer.last_pattern)
+        observer.last_pattern(pat->text, pat->len, observer.arg);
+    free(ps);
+    pgroup_release(g);
+}
+
+int chan_punsubscribe(struct conn *c, const char *text, size_t len)
+{
+    struct psub **link;
+    struct psub *ps = find_psub(c, text, len, &link);
+    if (!ps)
+        return 0;
+    conn_flush_patterns(c);
+    *link = ps->conn_next;
+    psub_remove(ps);
+    return 1;
+}
+
+static void wanted_cb(struct pattern_node *n, void *arg)
+{
+    if (((struct ppat *)pattern_data(n))->nsubs)
+        *(int *)arg = 1;
+}
+
+int chan_pattern_wanted(const char *name, size_t len)
+{
+    int wanted = 0;
+    if (psub_total) {
+        pstats.walks++;
+        pstats.nodes_visited += pattern_match(trie, name, len, 0, wanted_cb, &wanted);
+    }
+    return wanted;
+}
+
+void chan_foreach_pattern(void (*fn)(const char *pattern, size_t len, void *arg), void *arg)
+{
+    for (struct ppat *p = ppat_list; p; p = p->list_next)
+        if (p->nsubs)
+            fn(p->text, p->len, arg);
+}
+
+/* --- presence ---------------------------------------------------------------------------------- */
+
+const char *chan_node_id(void)
+{
+    if (!node_id[0]) {
+        uint8_t r[8];
+        if (RAND_bytes(r, sizeof(r)) != 1)
+            for (size_t i = 0; i < sizeof(r); i++)
+                r[i] = (uint8_t)(rand() ^ (int)(ev_time() * 1e6));
+        for (int i = 0; i < 8; i++)
+            snprintf(node_id + 2 * i, 3, "%02x", r[i]);
+    }
+    return node_id;
+}
+
+#define MEMBER_ID_MAX 40
+
+static size_t member_id(const struct conn *c, char *out)
+{
+    return (size_t)snprintf(out, MEMBER_ID_MAX, "%s:%llu", chan_node_id(), (unsigned long long)c->id);
+}
+
+static uint32_t pres_count(const struct chan *ch)
+{
+    return ch->pres ? ch->pres->nmembers + ch->pres->nlisteners : 0;
+}
+
+/* Tell the observer when the channel's local members and listeners go from none to some or back,
+ * and free the presence when it has neither. */
+static void pres_interest(struct chan *ch, int before)
+{
+    int now = pres_count(ch) > 0;
+    if (now != before && observer.presence_interest)
+        observer.presence_interest(ch->name, ch->name_len, now, observer.arg);
+    if (!now && ch->pres) {
+        free(ch->pres->listeners);
+        free(ch->pres);
+        ch->pres = NULL;
+        prstats.channels--;
+    }
+}
+
+static struct presence *pres_get(struct chan *ch)
+{
+    if (!ch->pres) {
+        ch->pres = xcalloc(1, sizeof(*ch->pres));
+        prstats.channels++;
+    }
+    return ch->pres;
+}
+
+/* Send a join or leave event to the channel's listeners: one frame, shared. */
+static void pres_emit(struct chan *ch, int join, const char *id, size_t id_len, const char *info,
+                      size_t info_len)
+{
+    struct presence *p = ch->pres;
+    if (!p || !p->nlisteners)
+        return;
+    if (dirty_list || pdirty_list)
+        chan_settle(); /* after what was published before */
+    static struct buf text;
+    text.len = 0;
+    buf_printf(&text, "{\"op\":\"%s\",\"channel\":\"%.*s\",\"client\":{\"id\":\"%.*s\"",
+               join ? "join" : "leave", (int)ch->name_len, ch->name, (int)id_len, id);
+    if (info_len) {
+        buf_append_str(&text, ",\"info\":");
+        buf_append(&text, info, info_len);
+    }
+    buf_append_str(&text, "}}");
+    uint8_t hdr[WS_MAX_HEADER];
+    size_t hlen = ws_frame_header(hdr, WS_OP_TEXT, 1, text.len, NULL);
+    struct block *b = block_new(hlen + text.len);
+    b = block_append(b, hdr, hlen);
+    b = block_append(b, text.data, text.len);
+    for (uint32_t i = 0; i < p->nlisteners; i++)
+        conn_queue_block(p->listeners[i]->conn, b, 0, b->len);
+    prstats.events += p->nlisteners;
+    block_unref(b);
+}
+
+static void pres_listen(struct chan *ch, struct sub *s, int on)
+{
+    int before = pres_count(ch) > 0;
+    struct presence *p = pres_get(ch);
+    if (on) {
+        if (p->nlisteners == p->cap) {
+            p->cap = p->cap ? p->cap * 2 : 4;
+            p->listeners = xrealloc(p->listeners, p->cap * sizeof(*p->listeners));
+        }
+        s->listener = p->nlisteners;
+        p->listeners[p->nlisteners++] = s;
+        prstats.listeners++;
+    } else {
+        p->listeners[s->listener] = p->listeners[--p->nlisteners];
+        p->listeners[s->listener]->listener = s->listener;
+        s->listener = NOT_LISTENING;
+        prstats.listeners--;
+    }
+    pres_interest(ch, before);
+}
+
+static void pres_join(struct chan *ch, struct sub *s, const char *info, size_t info_len)
+{
+    int before = pres_count(ch) > 0;
+    struct presence *p = pres_get(ch);
+    struct member *mb = xmalloc(sizeof(*mb) + info_len + 1);
+    mb->sub = s;
+    mb->info_len = (uint32_t)info_len;
+    if (info_len)
+        memcpy(mb->info, info, info_len);
+    mb->info[info_len] = 0;
+    mb->next = NULL;
+    mb->prev = p->tail;
+    if (p->tail)
+        p->tail->next = mb;
+    else
+        p->head = mb;
+    p->tail = mb;
+    p->nmembers++;
+    s->member = mb;
+    prstats.members++;
+    prstats.joins++;
+    pres_interest(ch, before);
+    char id[MEMBER_ID_MAX];
+    size_t n = member_id(s->conn, id);
+    if (observer.presence_join)
+        observer.presence_join(ch->name, ch->name_len, id, n, mb->info, mb->info_len, observer.arg);
+    pres_emit(ch, 1, id, n, mb->info, mb->info_len);
+}
+
+static void pres_leave(struct chan *ch, struct sub *s)
+{
+    struct presence *p = ch->pres;
+    struct member *mb = s->member;
+    if (mb->prev)
+        mb->prev->next = mb->next;
+    else
+        p->head = mb->next;
+    if (mb->next)
+        mb->next->prev = mb->prev;
+    else
+        p->tail = mb->prev;
+    p->nmembers--;
+    s->member = NULL;
+    prstats.members--;
+    prstats.leaves++;
+    char id[MEMBER_ID_MAX];
+    size_t n = member_id(s->conn, id);
+    if (observer.presence_leave)
+        observer.presence_leave(ch->name, ch->name_len, id, n, mb->info, mb->info_len, observer.arg);
+    pres_emit(ch, 0, id, n, mb->info, mb->info_len);
+    free(mb);
+    pres_interest(ch, 1);
+}
+
+/* s is going: it stops listening (so it is not told of its own leave), then leaves. */
+static void pres_drop(struct chan *ch, struct sub *s)
+{
+    if (s->listener != NOT_LISTENING)
+        pres_listen(ch, s, 0);
+    if (s->member)
+        pres_leave(ch, s);
+}
+
+int chan_presence_set(struct conn *c, const char *name, size_t len, int member, int events,
+                      const char *info, size_t info_len)
+{
+    struct chan *ch = chan_lookup(name, len, 0);
+    struct sub *s = ch ? find_sub(c, ch) : NULL;
+    if (!s)
+        return -1;
+    if (events >= 0 && events != (s->listener != NOT_LISTENING))
+        pres_listen(ch, s, events);
+    if (member == 1 && !s->member)
+        pres_join(ch, s, info, info_len);
+    else if (member == 0 && s->member)
+        pres_leave(ch, s);
+    return 0;
+}
+
+void chan_foreach_member(const char *name, size_t len, chan_member_fn fn, void *arg)
+{
+    struct chan *ch = chan_lookup(name, len, 0);
+    if (!ch || !ch->pres)
+        return;
+    char id[MEMBER_ID_MAX];
+    for (struct member *mb = ch->pres->head; mb; mb = mb->next) {
+        size_t n = member_id(mb->sub->conn, id);
+        fn(id, n, mb->info, mb->info_len, mb->sub->conn, arg);
+    }
+}
+
+void chan_presence_foreach(const char *name, size_t len, chan_member_fn fn, void *arg)
+{
+    chan_foreach_member(name, len, fn, arg);
+    if (observer.presence_remote)
+        observer.presence_remote(name, len, fn, arg, observer.arg);
+}
+
+void chan_foreach_presence(void (*fn)(const char *name, size_t len, void *arg), void *arg)
+{
+    for (size_t i = 0; i < table_size; i++)
+        for (struct chan *ch = table[i]; ch; ch = ch->hnext)
+            if (ch->pres)
+                fn(ch->name, ch->name_len, arg);
+}
+
+void chan_presence_event(const char *name, size_t len, int join, const char *id, size_t id_len,
+                         const char *info, size_t info_len)
+{
+    struct chan *ch = chan_lookup(name, len, 0);
+    if (ch)
+        pres_emit(ch, join, id, id_len, info, info_len);
+}
+
+static struct preq **preq_tail = &preqs;
+
+int chan_presence_request(struct conn *c, const char *name, size_t len, const char *id, size_t id_len)
+{
+    if (!observer.presence_complete || npreqs >= PREQ_MAX ||
+        observer.presence_complete(name, len, observer.arg))
+        return 1;
+    struct preq *q = xmalloc(sizeof(*q) + len + id_len);
+    q->next = NULL;
+    q->conn = c;
+    q->name_len = len;
+    q->id_len = id ? id_len : 0;
+    memcpy(q->data, name, len);
+    if (q->id_len)
+        memcpy(q->data + len, id, id_len);
+    *preq_tail = q;
+    preq_tail = &q->next;
+    npreqs++;
+    return 0;
+}
+
+/* Unlink *pp (a request) and return it. */
+static struct preq *preq_take(struct preq **pp)
+{
+    struct preq *q = *pp;
+    *pp = q->next;
+    if (!*pp)
+        preq_tail = pp;
+    npreqs--;
+    return q;
+}
+
+void chan_presence_ready(const char *name, size_t len)
+{
+    struct preq **pp = &preqs;
+    while (*pp) {
+        struct preq *q = *pp;
+        if (q->name_len != len || memcmp(q->data, name, len) != 0) {
+            pp = &q->next;
+            continue;
+        }
+        preq_take(pp);
+        route_presence_reply(q->conn, q->data, len, q->id_len ? q->data + len : NULL, q->id_len);
+        free(q);
+    }
+}
+
+static void preq_cancel(struct conn *c)
+{
+    struct preq **pp = &preqs;
+    while (*pp) {
+        if ((*pp)->conn == c)
+            free(preq_take(pp));
+        else
+            pp = &(*pp)->next;
+    }
+}
+
+/* --- /stats and /metrics ----------------------------------------------------------------------- */
+
+static void stats_json(struct buf *b, void *arg)
+{
+    buf_printf(b, "\"patterns\":{\"subscriptions\":%llu,\"patterns\":%zu,\"trie_nodes\":%zu,"
+                  "\"walks\":%llu,\"nodes_visited\":%llu,\"cache_hits\":%llu,\"deliveries\":%llu},",
+               (unsigned long long)psub_total, trie ? pattern_trie_patterns(trie) : 0,
+               trie ? pattern_trie_nodes(trie) : 0, (unsigned long long)pstats.walks,
+               (unsigned long long)pstats.nodes_visited, (unsigned long long)pstats.cache_hits,
+               (unsigned long long)pstats.deliveries);
+    buf_printf(b, "\"presence\":{\"channels\":%llu,\"members\":%llu,\"listeners\":%llu,"
+                  "\"joins\":%llu,\"leaves\":%llu,\"events\":%llu,\"requests_waiting\":%zu}",
+               (unsigned long long)prstats.channels, (unsigned long long)prstats.members,
+               (unsigned long long)prstats.listeners, (unsigned long long)prstats.joins,
+               (unsigned long long)prstats.leaves, (unsigned long long)prstats.events, npreqs);
+}
+
+static void prom(struct buf *b, const char *name, const char *type, const char *help, double v)
+{
+    buf_printf(b, "# HELP herald_%s %s\n# TYPE herald_%s %s\nherald_%s %.0f\n", name, help, name, type,
+               name, v);
+}
+
+static void stats_prom(struct buf *b, void *arg)
+{
+    prom(b, "pattern_subscriptions", "gauge", "Subscriptions to patterns", (double)psub_total);
+    prom(b, "patterns", "gauge", "Distinct patterns subscribed to",
+         trie ? (double)pattern_trie_patterns(trie) : 0);
+    prom(b, "pattern_trie_nodes", "gauge", "Nodes of the pattern trie",
+         trie ? (double)pattern_trie_nodes(trie) : 0);
+    prom(b, "pattern_walks_total", "counter", "Channels matched against the pattern trie",
+         (double)pstats.walks);
+    prom(b, "pattern_nodes_visited_total", "counter", "Trie nodes visited matching channels",
+         (double)pstats.nodes_visited);
+    prom(b, "pattern_cache_hits_total", "counter", "Publishes served from a channel's match cache",
+         (double)pstats.cache_hits);
+    prom(b, "pattern_deliveries_total", "counter", "Messages given to connections through patterns",
+         (double)pstats.deliveries);
+    prom(b, "presence_channels", "gauge", "Channels with local presence members or listeners",
+         (double)prstats.channels);
+    prom(b, "presence_members", "gauge", "Local presence members", (double)prstats.members);
+    prom(b, "presence_listeners", "gauge", "Local listeners of join and leave events",
+         (double)prstats.listeners);
+    prom(b, "presence_events_total", "counter", "Join and leave events sent to listeners",
+         (double)prstats.events);
 }

@@ -451,7 +451,7 @@ static void load_redis(struct loader *ld, struct config *cfg)
 {
     static const char *const keys[] = {"host", "port", "socket", "password", "db", "channels",
                                        "patterns", "mirror", "reconnect_min", "reconnect_max",
-                                       "connect_timeout", NULL};
+                                       "connect_timeout", "presence_ttl", NULL};
     if (get_global(ld, "redis") == LUA_TNIL) {
         lua_pop(ld->L, 1);
         return;
@@ -484,6 +484,8 @@ static void load_redis(struct loader *ld, struct config *cfg)
         fail(ld, "must not be less than reconnect_min (%g)", r->reconnect_min);
     get_field(ld, "redis", "connect_timeout");
     r->connect_timeout = pop_number(ld, 5, 0.1, 3600, 0);
+    get_field(ld, "redis", "presence_ttl");
+    r->presence_ttl = pop_number(ld, 15, 0.3, 3600, 0);
     lua_pop(ld->L, 1);
 }
 

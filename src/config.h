@@ -22,6 +22,7 @@ struct config_redis {
     double reconnect_min;   /* seconds before the first reconnection attempt */
     double reconnect_max;   /* the cap of the exponential backoff */
     double connect_timeout; /* a connection not ready by then is dropped and retried */
+    double presence_ttl;    /* mirror mode: a node silent this long is gone, its members leave */
 };
 
 struct config_tail {

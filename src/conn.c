@@ -45,6 +45,7 @@ static uint8_t *read_buffer;
 static void io_cb(struct ev_loop *l, ev_io *w, int revents);
 static void sweep_cb(struct ev_loop *l, ev_timer *w, int revents);
 static void conn_write(struct conn *c);
+static void flush_pass(void);
 
 uint8_t *conn_read_buffer(void) { return read_buffer; }
 
@@ -453,6 +454,19 @@ static void free_conn(struct conn *c)
 
 void conn_flush_all(void)
 {
+    /* Closing a connection here (a slow consumer, a peer gone) may queue data to others (presence
+     * leave events): that is written too before the loop sleeps. */
+    while (flush_list)
+        flush_pass();
+    while (dead_list) {
+        struct conn *c = dead_list;
+        dead_list = c->flush_next;
+        free_conn(c);
+    }
+}
+
+static void flush_pass(void)
+{
     struct conn *list = flush_list;
     flush_list = NULL;
     while (list) {
@@ -481,11 +495,6 @@ void conn_flush_all(void)
             conn_ws_close(c, WS_CLOSE_TRY_AGAIN, "slow consumer");
             conn_write(c);
         }
-    }
-    while (dead_list) {
-        struct conn *c = dead_list;
-        dead_list = c->flush_next;
-        free_conn(c);
     }
 }
 

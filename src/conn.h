@@ -20,6 +20,7 @@
 
 struct route;
 struct sub;
+struct psub;
 struct http_req_state;
 struct ssl_st;
 struct auth_grants;
@@ -73,6 +74,9 @@ struct conn {
     size_t q_bytes;       /* bytes queued, the figure the send_queue limit applies to */
     struct sub *subs;     /* this connection's subscriptions (linked through the sub) */
     uint32_t nsubs;
+    uint32_t npsubs;      /* pattern subscriptions; max_subscriptions counts them with nsubs */
+    struct psub *psubs;   /* its pattern subscriptions (linked through the psub) */
+    uint64_t pattern_stamp; /* channel.c: the last message it was given through a pattern */
     uint32_t rate_window; /* the second (ev_now) that rate_count counts messages in */
     uint32_t rate_count;
     int script_ref;       /* the Lua client object, LUA_NOREF when none */

@@ -3,8 +3,10 @@
 
 #include <string.h>
 
-enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_COUNT };
-static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch"};
+enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_PATTERN, KEY_PRESENCE,
+       KEY_EVENTS, KEY_INFO, KEY_COUNT };
+static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch",
+                                                    "pattern", "presence", "events", "info"};
 
 /* A non-negative integer JSON number; -1 if it is anything else. */
 static int64_t span_seq(const struct json_span *s)
@@ -36,6 +38,79 @@ static int short_string(const struct json_span *s, char *out, size_t cap)
     return (int)n;
 }
 
+/* A JSON true or false: 1 or 0; -1 when absent, -2 when another value. */
+static int span_bool(const struct json_span *s)
+{
+    if (s->type == JSON_NONE)
+        return -1;
+    return s->type == JSON_TRUE ? 1 : s->type == JSON_FALSE ? 0 : -2;
+}
+
+/* The "pattern" of a subscribe or unsubscribe, which takes no other member but "op" and "id". */
+static int parse_pattern(const struct json_span *v, struct pubsub_request *req, const char **error)
+{
+    if (req->op != PUBSUB_SUBSCRIBE && req->op != PUBSUB_UNSUBSCRIBE) {
+        *error = "\"pattern\" goes with subscribe and unsubscribe (publish and presence take a "
+                 "\"channel\")";
+        return -1;
+    }
+    if (v[KEY_CHANNEL].type != JSON_NONE) {
+        *error = "give \"channel\" or \"pattern\", not both";
+        return -1;
+    }
+    if (v[KEY_SINCE].type != JSON_NONE || v[KEY_EPOCH].type != JSON_NONE ||
+        v[KEY_PRESENCE].type != JSON_NONE || v[KEY_EVENTS].type != JSON_NONE ||
+        v[KEY_INFO].type != JSON_NONE) {
+        *error = "since, epoch, presence, events and info go with a \"channel\", not a \"pattern\"";
+        return -1;
+    }
+    if (v[KEY_PATTERN].type != JSON_STRING) {
+        *error = "\"pattern\" must be a string";
+        return -1;
+    }
+    int plen = short_string(&v[KEY_PATTERN], req->channel, sizeof(req->channel));
+    if (plen < 0) {
+        *error = "pattern is longer than 200 bytes";
+        return -1;
+    }
+    req->is_pattern = 1;
+    req->channel_len = (size_t)plen;
+    return pattern_valid(req->channel, req->channel_len, error) ? 0 : -1;
+}
+
+/* A subscribe's presence members: "presence", "events" and "info". */
+static int parse_presence(const struct json_span *v, struct pubsub_request *req, const char **error)
+{
+    req->presence = span_bool(&v[KEY_PRESENCE]);
+    req->events = span_bool(&v[KEY_EVENTS]);
+    if (req->op != PUBSUB_SUBSCRIBE &&
+        (req->presence != -1 || req->events != -1 || v[KEY_INFO].type != JSON_NONE)) {
+        *error = "presence, events and info go with subscribe";
+        return -1;
+    }
+    if (req->presence == -2 || req->events == -2) {
+        *error = req->presence == -2 ? "\"presence\" must be true or false"
+                                     : "\"events\" must be true or false";
+        return -1;
+    }
+    if (v[KEY_INFO].type != JSON_NONE) {
+        if (v[KEY_INFO].type != JSON_OBJECT) {
+            *error = "\"info\" must be a JSON object";
+            return -1;
+        }
+        if (v[KEY_INFO].len > CHAN_INFO_MAX) {
+            *error = "\"info\" is longer than 1024 bytes";
+            return -1;
+        }
+        if (req->presence != 1) {
+            *error = "\"info\" goes with \"presence\":true";
+            return -1;
+        }
+        req->info = v[KEY_INFO];
+    }
+    return 0;
+}
+
 int pubsub_parse(const char *data, size_t len, int binary, struct pubsub_request *req,
                  const char **error, char error_buf[64])
 {
@@ -43,6 +118,7 @@ int pubsub_parse(const char *data, size_t len, int binary, struct pubsub_request
     memset(req, 0, sizeof(*req));
     req->since = -1;
     req->epoch_len = -1;
+    req->presence = req->events = -1;
     if (binary) {
         *error = "binary messages are not accepted here: send JSON text";
         return -1;
@@ -56,7 +132,7 @@ int pubsub_parse(const char *data, size_t len, int binary, struct pubsub_request
         return -1;
     }
     if (short_string(&v[KEY_OP], op, sizeof(op)) < 0) {
-        *error = "\"op\" must be one of subscribe, unsubscribe, publish";
+        *error = "\"op\" must be one of subscribe, unsubscribe, publish, presence";
         return -1;
     }
     if (strcmp(op, "subscribe") == 0)
@@ -65,10 +141,16 @@ int pubsub_parse(const char *data, size_t len, int binary, struct pubsub_request
         req->op = PUBSUB_UNSUBSCRIBE;
     else if (strcmp(op, "publish") == 0)
         req->op = PUBSUB_PUBLISH;
+    else if (strcmp(op, "presence") == 0)
+        req->op = PUBSUB_PRESENCE;
     else {
-        *error = "unknown \"op\": expected subscribe, unsubscribe or publish";
+        *error = "unknown \"op\": expected subscribe, unsubscribe, publish or presence";
         return -1;
     }
+    if (v[KEY_PATTERN].type != JSON_NONE)
+        return parse_pattern(v, req, error);
+    if (parse_presence(v, req, error) < 0)
+        return -1;
     if (v[KEY_CHANNEL].type == JSON_NONE) {
         *error = "missing \"channel\"";
         return -1;

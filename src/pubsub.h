@@ -11,21 +11,27 @@
 #include "buf.h"
 #include "channel.h"
 #include "json.h"
+#include "pattern.h"
 
-enum pubsub_op { PUBSUB_SUBSCRIBE, PUBSUB_UNSUBSCRIBE, PUBSUB_PUBLISH };
+enum pubsub_op { PUBSUB_SUBSCRIBE, PUBSUB_UNSUBSCRIBE, PUBSUB_PUBLISH, PUBSUB_PRESENCE };
 
 /* Longest epoch a subscribe may carry (the broker's epochs are far shorter). */
 #define PUBSUB_EPOCH_MAX 63
 
 struct pubsub_request {
     enum pubsub_op op;
-    char channel[CHAN_NAME_MAX + 1]; /* decoded, NUL-terminated, a valid channel name */
+    int is_pattern;                  /* subscribe/unsubscribe: "pattern" was given, not "channel" */
+    char channel[CHAN_NAME_MAX + 1]; /* decoded, NUL-terminated, a valid channel name, or with
+                                      * is_pattern a valid pattern */
     size_t channel_len;
     struct json_span id;             /* the request's "id" (any JSON value); JSON_NONE if absent */
     struct json_span data;           /* publish: the value to publish, as sent */
     int64_t since;                   /* subscribe: resume after this seq; -1 if absent */
     char epoch[PUBSUB_EPOCH_MAX + 1]; /* subscribe: the epoch "since" belongs to */
     int epoch_len;                   /* -1 if absent */
+    int presence, events;            /* subscribe: 1 true, 0 false, -1 absent */
+    struct json_span info;           /* subscribe with "presence":true: a JSON object of at most
+                                      * CHAN_INFO_MAX bytes; JSON_NONE if absent */
 };
 
 /* Parse and check one message from a client: data[0..len), binary if it came in a binary frame.

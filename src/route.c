@@ -7,6 +7,7 @@
 #include "auth.h"
 #include "json.h"
 #include "log.h"
+#include "pattern.h"
 #include "pubsub.h"
 #include "script.h"
 #include "stats.h"
@@ -100,6 +101,26 @@ int route_allows(struct route *r, struct conn *c, int action, const char *channe
         return 0;
     }
     if (r->script && !script_authorize(r, c, action, channel, len, why)) {
+        stats.auth_refused++;
+        return 0;
+    }
+    return 1;
+}
+
+int route_allows_pattern(struct route *r, struct conn *c, const char *p, size_t len, const char **why)
+{
+    size_t lit = 0;
+    while (lit < len && !((p[lit] == '*' || p[lit] == '>') && (lit == 0 || p[lit - 1] == '.')))
+        lit++;
+    if (lit == len)
+        return route_allows(r, c, AUTH_SUBSCRIBE, p, len, why);
+    *why = NULL;
+    if (r->require_token && !auth_allows_prefix(c->grants, AUTH_SUBSCRIBE, p, lit)) {
+        *why = "the token must grant every channel it can match";
+        stats.auth_refused++;
+        return 0;
+    }
+    if (r->script && !script_authorize(r, c, ROUTE_AUTH_PATTERN, p, len, why)) {
         stats.auth_refused++;
         return 0;
     }
@@ -332,6 +353,70 @@ static void reply_error(struct conn *c, const char *error, const struct json_spa
     route_send_text(c, scratch.data, scratch.len);
 }
 
+/* Most members listed in a presence reply; "count" says how many there are. */
+#define PRESENCE_LIST_MAX 1000
+
+struct presence_list {
+    struct buf *b;
+    size_t count;
+};
+
+static void presence_item(const char *mid, size_t mid_len, const char *info, size_t info_len,
+                          struct conn *local, void *arg)
+{
+    struct presence_list *l = arg;
+    if (l->count++ >= PRESENCE_LIST_MAX)
+        return;
+    buf_printf(l->b, "%s{\"id\":\"%.*s\"", l->count > 1 ? "," : "", (int)mid_len, mid);
+    if (info_len) {
+        buf_append_str(l->b, ",\"info\":");
+        buf_append(l->b, info, info_len);
+    }
+    buf_append(l->b, "}", 1);
+}
+
+void route_presence_reply(struct conn *c, const char *name, size_t len, const char *id, size_t id_len)
+{
+    scratch.len = 0;
+    buf_printf(&scratch, "{\"op\":\"presence\",\"channel\":\"%.*s\",\"clients\":[", (int)len, name);
+    struct presence_list l = {&scratch, 0};
+    chan_presence_foreach(name, len, presence_item, &l);
+    buf_printf(&scratch, "],\"count\":%zu", l.count);
+    if (l.count > PRESENCE_LIST_MAX)
+        buf_append_str(&scratch, ",\"truncated\":true");
+    if (id) {
+        buf_append_str(&scratch, ",\"id\":");
+        buf_append(&scratch, id, id_len);
+    }
+    buf_append(&scratch, "}", 1);
+    route_send_text(c, scratch.data, scratch.len);
+}
+
+/* subscribe or unsubscribe with "pattern". */
+static void pattern_request(struct conn *c, const struct pubsub_request *q)
+{
+    const char *why;
+    if (q->op == PUBSUB_SUBSCRIBE) {
+        if (!route_allows_pattern(c->route, c, q->channel, q->channel_len, &why)) {
+            char msg[320];
+            snprintf(msg, sizeof(msg), "not allowed to subscribe to this pattern: %s",
+                     why ? why : "refused");
+            reply_error(c, msg, &q->id);
+            return;
+        }
+        if (chan_psubscribe(c, q->channel, q->channel_len) < 0) {
+            reply_error(c, "subscription limit reached for this connection", &q->id);
+            return;
+        }
+        reply_begin("subscribed");
+    } else {
+        chan_punsubscribe(c, q->channel, q->channel_len);
+        reply_begin("unsubscribed");
+    }
+    buf_printf(&scratch, ",\"pattern\":\"%s\"", q->channel); /* nothing in a pattern needs escaping */
+    reply_end(c, &q->id);
+}
+
 static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int binary)
 {
     struct pubsub_request q;
@@ -339,6 +424,10 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
     char error_buf[64];
     if (pubsub_parse((const char *)data, len, binary, &q, &error, error_buf) < 0) {
         reply_error(c, error, &q.id);
+        return;
+    }
+    if (q.is_pattern) {
+        pattern_request(c, &q);
         return;
     }
     const struct json_span *id = &q.id;
@@ -349,12 +438,21 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
                       clen, &error)) {
         char msg[320];
         snprintf(msg, sizeof(msg), "not allowed to %s this channel%s%s",
-                 q.op == PUBSUB_PUBLISH ? "publish to" : "subscribe to", error ? ": " : "",
-                 error ? error : "");
+                 q.op == PUBSUB_PUBLISH    ? "publish to"
+                 : q.op == PUBSUB_PRESENCE ? "see the presence of"
+                                           : "subscribe to",
+                 error ? ": " : "", error ? error : "");
         reply_error(c, msg, id);
         return;
     }
-    if (q.op == PUBSUB_SUBSCRIBE) {
+    switch (q.op) {
+    case PUBSUB_PRESENCE: {
+        const char *id_text = id->type != JSON_NONE ? id->p : NULL;
+        if (chan_presence_request(c, channel, clen, id_text, id->len))
+            route_presence_reply(c, channel, clen, id_text, id->len);
+        break;
+    }
+    case PUBSUB_SUBSCRIBE: {
         if (chan_subscribe(c, channel, clen) < 0) {
             reply_error(c, "subscription limit reached for this connection", id);
             return;
@@ -373,18 +471,26 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         reply_end(c, id);
         if (recovered == 1 && q.since >= 0)
             chan_replay(c, channel, clen, (uint64_t)q.since);
-    } else if (q.op == PUBSUB_UNSUBSCRIBE) {
+        if (q.presence != -1 || q.events != -1)
+            chan_presence_set(c, channel, clen, q.presence, q.events, q.info.p,
+                              q.info.type != JSON_NONE ? q.info.len : 0);
+        break;
+    }
+    case PUBSUB_UNSUBSCRIBE:
         chan_unsubscribe(c, channel, clen);
         reply_begin("unsubscribed");
         buf_printf(&scratch, ",\"channel\":\"%s\"", channel);
         reply_end(c, id);
-    } else {
+        break;
+    case PUBSUB_PUBLISH: {
         struct chan_msg m = {.channel = channel, .channel_len = clen, .data = q.data.p,
                              .len = q.data.len, .is_json = 1, .utf8 = 1, .json = 1};
         uint64_t seq = chan_publish(&m, NULL);
         reply_begin("published");
         buf_printf(&scratch, ",\"channel\":\"%s\",\"seq\":%llu", channel, (unsigned long long)seq);
         reply_end(c, id);
+        break;
+    }
     }
 }
 

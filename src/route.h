@@ -73,6 +73,16 @@ int route_accept(struct route *r, struct conn *c, const struct http_request *req
 int route_allows(struct route *r, struct conn *c, int action, const char *channel, size_t len,
                  const char **why);
 
+/* The action route_allows_pattern hands an authorize script: "subscribe_pattern". */
+#define ROUTE_AUTH_PATTERN 2
+
+/* 1 if c may subscribe to pattern p through r: its token (on auth = "token" routes) must grant
+ * every channel the pattern can match (its literal beginning, up to the first "*" or ">" segment,
+ * must fall under a granted prefix; "sensors.*.temp" needs "sensors.*", "sensors*" or "*"), and
+ * the route's authorize hook, if any, is asked with the action "subscribe_pattern". A pattern
+ * without wildcards is the one channel it names. A refusal is counted, with *why set. */
+int route_allows_pattern(struct route *r, struct conn *c, const char *p, size_t len, const char **why);
+
 /* c is closing: its route's script, if any, runs its close hook (once). */
 void route_closed(struct conn *c, uint16_t code, const char *reason);
 
@@ -92,5 +102,9 @@ int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *l
 
 /* Send a text frame to c, after anything published to it before (see chan_settle_for). */
 void route_send_text(struct conn *c, const char *text, size_t len);
+
+/* Answer c's presence request for channel name: {"op":"presence","channel":...,"clients":[...]},
+ * with the request's id (its JSON text; NULL: none). */
+void route_presence_reply(struct conn *c, const char *name, size_t len, const char *id, size_t id_len);
 
 #endif

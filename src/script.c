@@ -24,6 +24,7 @@
 #include "http.h"
 #include "log.h"
 #include "json.h"
+#include "pattern.h"
 #include "route.h"
 #include "stats.h"
 #include "ws.h"
@@ -86,14 +87,24 @@ struct lstate {
 };
 
 /* Something a script did to a client while open() ran, before the 101 was queued. */
-enum pending_op { PENDING_SEND, PENDING_SUBSCRIBE, PENDING_UNSUBSCRIBE, PENDING_CLOSE };
+enum pending_op { PENDING_SEND, PENDING_SUBSCRIBE, PENDING_UNSUBSCRIBE, PENDING_CLOSE,
+                  PENDING_PSUBSCRIBE, PENDING_PUNSUBSCRIBE };
 struct pending {
     struct pending *next;
     uint8_t op;
     uint8_t opcode;
     uint16_t code;
+    int8_t member, events; /* a subscription's presence options (-1: not given) */
     size_t len;
+    size_t info_len;       /* a subscription's presence info follows data's NUL */
     char data[]; /* NUL-terminated */
+};
+
+/* The options table of client:subscribe(channel, opts). */
+struct sub_opts {
+    int member, events; /* -1: not given */
+    const char *info;
+    size_t info_len;
 };
 
 struct lclient {
@@ -462,6 +473,52 @@ static int l_channel(lua_State *L)
     return 1;
 }
 
+struct presence_ctx {
+    lua_State *L;
+    struct lstate *st;
+    lua_Integer n;
+};
+
+/* One member as a table { id = ..., info = {...}, client = <this route's client, when local> }
+ * appended to the array below the top of the stack. */
+static void push_member(const char *id, size_t id_len, const char *info, size_t info_len,
+                        struct conn *local, void *arg)
+{
+    struct presence_ctx *x = arg;
+    lua_State *L = x->L;
+    luaL_checkstack(L, 4, "herald.presence");
+    lua_createtable(L, 0, 3);
+    lua_pushlstring(L, id, id_len);
+    lua_setfield(L, -2, "id");
+    if (info_len) {
+        lua_pushlstring(L, info, info_len);
+        if (decode_top(L) == 0)
+            lua_setfield(L, -2, "info");
+        else
+            lua_pop(L, 1);
+    }
+    if (local && local->route == x->st->route && local->script_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, local->script_ref);
+        lua_setfield(L, -2, "client");
+    }
+    lua_rawseti(L, -2, ++x->n);
+}
+
+/* herald.presence(channel) -> an array of { id = ..., info = ..., client = ... } */
+static int l_presence(lua_State *L)
+{
+    size_t len;
+    const char *name = luaL_checklstring(L, 1, &len);
+    check_channel(L, "herald.presence", name, len);
+    if (state_of(L)->loading)
+        return luaL_error(L, "herald.presence cannot be used while the script loads (use it in a hook "
+                             "or a timer)");
+    lua_newtable(L);
+    struct presence_ctx x = {L, state_of(L), 0};
+    chan_presence_foreach(name, len, push_member, &x);
+    return 1;
+}
+
 static void log_values(lua_State *L, int first, enum log_level level)
 {
     int n = lua_gettop(L);
@@ -719,19 +776,32 @@ static void drop_client(struct lclient *cl)
     free_pending(cl);
 }
 
-static void add_pending(struct lclient *cl, int op, int opcode, uint16_t code, const char *data,
-                        size_t len)
+static void add_pending_opts(struct lclient *cl, int op, int opcode, uint16_t code, const char *data,
+                             size_t len, const struct sub_opts *o)
 {
-    struct pending *p = xmalloc(sizeof(*p) + len + 1);
+    size_t info_len = o ? o->info_len : 0;
+    struct pending *p = xmalloc(sizeof(*p) + len + 1 + info_len + 1);
     p->next = NULL;
     p->op = (uint8_t)op;
     p->opcode = (uint8_t)opcode;
     p->code = code;
+    p->member = (int8_t)(o ? o->member : -1);
+    p->events = (int8_t)(o ? o->events : -1);
     p->len = len;
+    p->info_len = info_len;
     memcpy(p->data, data, len);
     p->data[len] = 0;
+    if (info_len)
+        memcpy(p->data + len + 1, o->info, info_len);
+    p->data[len + 1 + info_len] = 0;
     *cl->pending_tail = p;
     cl->pending_tail = &p->next;
+}
+
+static void add_pending(struct lclient *cl, int op, int opcode, uint16_t code, const char *data,
+                        size_t len)
+{
+    add_pending_opts(cl, op, opcode, code, data, len, NULL);
 }
 
 static struct lclient *check_client(lua_State *L, const char *method)
@@ -773,6 +843,49 @@ static int client_send(lua_State *L)
     return 1;
 }
 
+/* Read client:subscribe's options table at idx: { presence = bool, events = bool, info = table }.
+ * The info's JSON text is left on the stack. */
+static void read_sub_opts(lua_State *L, int idx, struct sub_opts *o)
+{
+    o->member = o->events = -1;
+    o->info = NULL;
+    o->info_len = 0;
+    if (lua_isnoneornil(L, idx))
+        return;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    idx = lua_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        if (!k || (strcmp(k, "presence") != 0 && strcmp(k, "events") != 0 && strcmp(k, "info") != 0))
+            luaL_error(L, "client:subscribe: unknown option %s (expected presence, events, info)",
+                       k ? k : luaL_typename(L, -2));
+        lua_pop(L, 1);
+    }
+    static const char *const flags[2] = {"presence", "events"};
+    for (int i = 0; i < 2; i++) {
+        int t = lua_getfield(L, idx, flags[i]);
+        if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+            luaL_error(L, "client:subscribe: %s must be true or false", flags[i]);
+        if (t == LUA_TBOOLEAN)
+            *(i ? &o->events : &o->member) = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
+    if (lua_getfield(L, idx, "info") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    if (!lua_istable(L, -1))
+        luaL_error(L, "client:subscribe: info must be a table");
+    if (o->member != 1)
+        luaL_error(L, "client:subscribe: info goes with presence = true");
+    o->info = encode(L, -1, &o->info_len);
+    if (o->info_len > CHAN_INFO_MAX || o->info[0] != '{' ||
+        !ws_utf8_valid((const uint8_t *)o->info, o->info_len))
+        luaL_error(L, "client:subscribe: info must be a table with string keys (a JSON object) of at "
+                      "most 1024 bytes of JSON");
+}
+
 static int subscription(lua_State *L, int subscribe)
 {
     const char *fn = subscribe ? "client:subscribe" : "client:unsubscribe";
@@ -780,6 +893,9 @@ static int subscription(lua_State *L, int subscribe)
     size_t len;
     const char *name = luaL_checklstring(L, 2, &len);
     check_channel(L, fn, name, len);
+    struct sub_opts o = {-1, -1, NULL, 0};
+    if (subscribe)
+        read_sub_opts(L, 3, &o);
     if (!cl->c)
         return closed(L);
     if (subscribe) {
@@ -797,7 +913,7 @@ static int subscription(lua_State *L, int subscribe)
         }
     }
     if (cl->opening) {
-        add_pending(cl, subscribe ? PENDING_SUBSCRIBE : PENDING_UNSUBSCRIBE, 0, 0, name, len);
+        add_pending_opts(cl, subscribe ? PENDING_SUBSCRIBE : PENDING_UNSUBSCRIBE, 0, 0, name, len, &o);
         lua_pushboolean(L, 1);
         return 1;
     }
@@ -807,14 +923,65 @@ static int subscription(lua_State *L, int subscribe)
         lua_pushliteral(L, "subscription limit reached for this connection");
         return 2;
     }
+    if (o.member >= 0 || o.events >= 0)
+        chan_presence_set(cl->c, name, len, o.member, o.events, o.info, o.info_len);
     lua_pushboolean(L, rc);
     return 1;
 }
 
-/* client:subscribe(channel) -> true, false if it already was, or nil, "closed" */
+/* client:subscribe(channel [, opts]) -> true, false if it already was, or nil, "closed" */
 static int client_subscribe(lua_State *L) { return subscription(L, 1); }
 /* client:unsubscribe(channel) -> true, false if it was not, or nil, "closed" */
 static int client_unsubscribe(lua_State *L) { return subscription(L, 0); }
+
+static int pattern_subscription(lua_State *L, int subscribe)
+{
+    const char *fn = subscribe ? "client:subscribe_pattern" : "client:unsubscribe_pattern";
+    struct lclient *cl = check_client(L, subscribe ? "subscribe_pattern" : "unsubscribe_pattern");
+    size_t len;
+    const char *pattern = luaL_checklstring(L, 2, &len);
+    const char *why;
+    if (!pattern_valid(pattern, len, &why)) {
+        char shown[64];
+        size_t n = len < 40 ? len : 40;
+        memcpy(shown, pattern, n);
+        shown[n] = 0;
+        return luaL_error(L, "%s: invalid pattern \"%s%s\": %s", fn, shown, len > n ? "..." : "", why);
+    }
+    if (!cl->c)
+        return closed(L);
+    if (subscribe) {
+        struct lstate *st = state_of(L);
+        lua_State *prev = st->running;
+        st->running = L; /* authorize runs nested, on this thread */
+        int ok = route_allows_pattern(st->route, cl->c, pattern, len, &why);
+        st->running = prev;
+        if (!ok) {
+            lua_pushnil(L);
+            lua_pushstring(L, why ? why : "not allowed to subscribe to this pattern");
+            return 2;
+        }
+    }
+    if (cl->opening) {
+        add_pending(cl, subscribe ? PENDING_PSUBSCRIBE : PENDING_PUNSUBSCRIBE, 0, 0, pattern, len);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    int rc = subscribe ? chan_psubscribe(cl->c, pattern, len) : chan_punsubscribe(cl->c, pattern, len);
+    if (rc < 0) { /* counted in subscription_limit_hits */
+        lua_pushnil(L);
+        lua_pushliteral(L, "subscription limit reached for this connection");
+        return 2;
+    }
+    lua_pushboolean(L, rc);
+    return 1;
+}
+
+/* client:subscribe_pattern(pattern) -> true, false if it already was, or nil and why (closed,
+ * the subscription limit) */
+static int client_subscribe_pattern(lua_State *L) { return pattern_subscription(L, 1); }
+/* client:unsubscribe_pattern(pattern) -> true, false if it was not, or nil, "closed" */
+static int client_unsubscribe_pattern(lua_State *L) { return pattern_subscription(L, 0); }
 
 /* client:close([code [, reason]]) -> true, or nil, "closed" */
 static int client_close(lua_State *L)
@@ -847,6 +1014,8 @@ static int client_close(lua_State *L)
 static const luaL_Reg client_methods[] = {{"send", client_send},
                                           {"subscribe", client_subscribe},
                                           {"unsubscribe", client_unsubscribe},
+                                          {"subscribe_pattern", client_subscribe_pattern},
+                                          {"unsubscribe_pattern", client_unsubscribe_pattern},
                                           {"close", client_close},
                                           {NULL, NULL}};
 
@@ -1029,7 +1198,7 @@ static int setup(lua_State *L)
     static const luaL_Reg funcs[] = {
         {"publish", l_publish}, {"channel", l_channel}, {"timer", l_timer},   {"every", l_every},
         {"log", l_log},         {"now", l_now},         {"stats", l_stats},   {"clients", l_clients},
-        {"client", l_client},   {NULL, NULL}};
+        {"client", l_client},   {"presence", l_presence}, {NULL, NULL}};
     luaL_newlib(L, funcs);
     lua_createtable(L, 0, 3);
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->encode_ref);
@@ -1404,7 +1573,9 @@ static int do_authorize(lua_State *L)
     int client = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->fn[HOOK_AUTHORIZE]);
     lua_pushvalue(L, client);
-    lua_pushstring(L, x->action == AUTH_PUBLISH ? "publish" : "subscribe");
+    lua_pushstring(L, x->action == AUTH_PUBLISH     ? "publish"
+                      : x->action == AUTH_SUBSCRIBE ? "subscribe"
+                                                    : "subscribe_pattern");
     lua_pushlstring(L, x->channel, x->len);
     st->calls[HOOK_AUTHORIZE]++;
     lua_call(L, 3, 2);
@@ -1472,10 +1643,18 @@ void script_opened(struct conn *c)
                 conn_send_frame(c, p->opcode, p->data, p->len);
                 break;
             case PENDING_SUBSCRIBE:
-                chan_subscribe(c, p->data, p->len);
+                if (chan_subscribe(c, p->data, p->len) >= 0 && (p->member >= 0 || p->events >= 0))
+                    chan_presence_set(c, p->data, p->len, p->member, p->events, p->data + p->len + 1,
+                                      p->info_len);
                 break;
             case PENDING_UNSUBSCRIBE:
                 chan_unsubscribe(c, p->data, p->len);
+                break;
+            case PENDING_PSUBSCRIBE:
+                chan_psubscribe(c, p->data, p->len);
+                break;
+            case PENDING_PUNSUBSCRIBE:
+                chan_punsubscribe(c, p->data, p->len);
                 break;
             case PENDING_CLOSE:
                 conn_ws_close(c, p->code, p->data);

@@ -86,6 +86,33 @@ def test_ws_operations_are_authorized(herald_module):
     assert "herald_script_authorize_refused_total{path=\"/ws\"}" in h.metrics()
 
 
+def test_pattern_subscriptions_are_authorized(herald_module):
+    h = herald_module
+    before = h.stats()["auth_refused"]
+
+    async def main():
+        async with ws_connect(h, "/ws") as ws:
+            r = await request(ws, {"op": "subscribe", "pattern": "pat:feed.*", "id": 1})
+            assert r == {"op": "subscribed", "pattern": "pat:feed.*", "id": 1}
+            r = await request(ws, {"op": "subscribe", "channel": "pat:feed.a"})
+            assert r == {"op": "error", "error": "not allowed to subscribe to this channel: "
+                         "only as a pattern"}
+            # a pattern is asked about as a pattern: ">" would otherwise reach every channel
+            r = await request(ws, {"op": "subscribe", "pattern": ">"})
+            assert r == {"op": "error", "error": "not allowed to subscribe to this pattern: refused"}
+            r = await request(ws, {"op": "subscribe", "pattern": "secret.*"})
+            assert r["op"] == "error"
+            await h_publish(h, "pat:feed.a", "hello")
+            m = await recv_json(ws)
+            assert m["op"] == "message" and m["channel"] == "pat:feed.a" and m["data"] == "hello"
+    run(main())
+    assert h.stats()["auth_refused"] - before == 3
+
+
+async def h_publish(h, channel, body):
+    await asyncio.get_running_loop().run_in_executor(None, h.publish, channel, body)
+
+
 def test_subscribe_list_is_authorized_at_the_handshake(herald_module):
     h = herald_module
     status, body = handshake_status(h, "/ws?subscribe=public:a,user:bob")

@@ -5,6 +5,7 @@
 --   public:*   anyone, for anything
 --   user:<n>   only the client whose ?user= is <n>
 --   ro:*       subscribe only
+--   pat:*      only as a pattern ("subscribe_pattern")
 --   fail:*     raises an error;  loop:*  never returns;  method:*  calls client:send (not allowed)
 --   count:*    refuses, telling how many clients closed so far ("closed=<n>")
 --   anything else: refused without a reason
@@ -31,6 +32,8 @@ return {
       return false, "user channels are for their user"
     elseif kind == "ro" then
       return action == "subscribe", "read-only channel"
+    elseif kind == "pat" then
+      return action == "subscribe_pattern", "only as a pattern"
     elseif kind == "fail" then
       error("authorize failed on purpose")
     elseif kind == "loop" then

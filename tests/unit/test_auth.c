@@ -62,14 +62,23 @@ int main(void)
     CHECK(auth_allows(g, AUTH_PUBLISH, "chat:room1", 10));
     CHECK(!auth_allows(g, AUTH_PUBLISH, "chat:room2", 10));
     CHECK(!auth_allows(g, AUTH_PUBLISH, "news", 4));
+    /* Every channel starting with a prefix: only a prefix grant covers them all. */
+    CHECK(auth_allows_prefix(g, AUTH_SUBSCRIBE, "chat:", 5));
+    CHECK(auth_allows_prefix(g, AUTH_SUBSCRIBE, "chat:room.", 10));
+    CHECK(!auth_allows_prefix(g, AUTH_SUBSCRIBE, "chat", 4));
+    CHECK(!auth_allows_prefix(g, AUTH_SUBSCRIBE, "news", 4)); /* "news" alone, not "news..." */
+    CHECK(!auth_allows_prefix(g, AUTH_SUBSCRIBE, "", 0));
+    CHECK(!auth_allows_prefix(g, AUTH_PUBLISH, "chat:room1", 10));
     CHECK(strcmp(auth_subject(g), "ann") == 0);
     auth_free(g);
 
     make_token(hs, "{\"exp\":2000,\"subscribe\":[\"*\"]}", secret, tok);
     g = verify(tok, &why);
     CHECK(g && auth_allows(g, AUTH_SUBSCRIBE, "x", 1) && !auth_allows(g, AUTH_PUBLISH, "x", 1));
+    CHECK(g && auth_allows_prefix(g, AUTH_SUBSCRIBE, "", 0));
     auth_free(g);
     CHECK(!auth_allows(NULL, AUTH_SUBSCRIBE, "x", 1));
+    CHECK(!auth_allows_prefix(NULL, AUTH_SUBSCRIBE, "x", 1));
 
     /* Refusals. */
     make_token(hs, "{\"exp\":999}", secret, tok);

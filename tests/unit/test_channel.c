@@ -10,6 +10,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -205,6 +206,7 @@ static void test_slow_consumer(struct route *raw)
     uint16_t code = 0;
     for (int i = 0; i < 100 && !code; i++) {
         CHECK(peer_read(&slow, got, sizeof(got), &code) >= 0);
+        ev_run(loop, EVRUN_NOWAIT); /* the rest goes out as the socket becomes writable */
         pass();
     }
     CHECK_EQ(code, WS_CLOSE_TRY_AGAIN);
@@ -345,6 +347,317 @@ static void test_fanout_deflate(void)
     route_unref(r);
 }
 
+/* Pattern subscribers with permessage-deflate: the message compressed once per window, shared
+ * with the channel's own compressed subscribers' window, plain for plain ones. */
+static void test_pattern_deflate(void)
+{
+    struct route *r = route_new(ROUTE_RAW, "/z/");
+    r->deflate = 1;
+    r->deflate_min_size = 20;
+    struct peer exact, p15a, p15b, p10, plain;
+    struct peer *all[] = {&exact, &p15a, &p15b, &p10, &plain};
+    static const uint8_t bits[] = {15, 15, 15, 10, 0};
+    struct pmd_inflater *inflaters[5];
+    for (int i = 0; i < 5; i++) {
+        peer_open(all[i], r);
+        all[i]->conn->pmd.server_bits = bits[i];
+        all[i]->wp.deflate = bits[i] != 0;
+        inflaters[i] = pmd_inflater_new(15, 1);
+        if (i == 0)
+            CHECK_EQ(chan_subscribe(all[i]->conn, "zp.a", 4), 1);
+        else
+            CHECK_EQ(chan_psubscribe(all[i]->conn, "zp.*", 4), 1);
+    }
+    const char *a = "a message long enough to be compressed: compressed, compressed, compressed";
+    uint64_t before = pmd_stats.compressed;
+    publish("zp.a", a);
+    publish("zp.b", a); /* nobody subscribes to the channel itself */
+    chan_settle();
+    /* zp.a: window 15 for the channel group, reused by the pattern's; window 10. zp.b: 15, 10. */
+    CHECK_EQ(pmd_stats.compressed - before, 4);
+    CHECK(p15a.conn->q[p15a.conn->q_head].blk == p15b.conn->q[p15b.conn->q_head].blk);
+    CHECK(p15a.conn->q[p15a.conn->q_head].blk != p10.conn->q[p10.conn->q_head].blk);
+    conn_flush_all();
+    char expect[512], got[4096];
+    for (int i = 0; i < 5; i++) {
+        int compressed = 0;
+        int n = i ? 2 : 1;
+        snprintf(expect, sizeof(expect), i ? "%s|%s|" : "%s|", a, a);
+        CHECK_EQ(peer_read_deflate(all[i], inflaters[i], got, sizeof(got), &compressed), n);
+        CHECK(strcmp(got, expect) == 0);
+        CHECK_EQ(compressed, bits[i] ? n : 0);
+    }
+    for (int i = 0; i < 5; i++) {
+        conn_close_now(all[i]->conn);
+        close(all[i]->fd);
+        pmd_inflater_free(inflaters[i]);
+    }
+    pass();
+    route_unref(r);
+}
+
+/* A figure from the "patterns" or "presence" object of /stats. */
+static unsigned long long figure(const char *section, const char *name)
+{
+    struct buf b = {0};
+    stats_render_json(&b);
+    buf_append(&b, "", 1);
+    char key[64];
+    snprintf(key, sizeof(key), "\"%s\":{", section);
+    const char *p = strstr(b.data, key);
+    p = p ? p + strlen(key) : NULL;
+    snprintf(key, sizeof(key), "\"%s\":", name);
+    p = p ? strstr(p, key) : NULL;
+    unsigned long long v = p ? strtoull(p + strlen(key), NULL, 10) : ~0ull;
+    buf_free(&b);
+    return v;
+}
+
+/* Pattern subscribers: matching channels only; one shared block per pattern group per pass; each
+ * message once per connection however many of its subscriptions match; order kept per channel
+ * when subscriptions change in the middle of a pass. */
+static void test_patterns(struct route *raw)
+{
+    struct peer a, b, c;
+    char got[4096];
+    peer_open(&a, raw);
+    peer_open(&b, raw);
+    peer_open(&c, raw);
+    unsigned long long walks = figure("patterns", "walks");
+    publish("s.x.temp", "before"); /* nobody has a pattern: the trie is not looked at */
+    CHECK_EQ(figure("patterns", "walks"), walks);
+    CHECK_EQ(chan_psubscribe(a.conn, "s.*.temp", 8), 1);
+    CHECK_EQ(chan_psubscribe(a.conn, "s.*.temp", 8), 0);
+    CHECK_EQ(chan_psubscribe(b.conn, "s.*.temp", 8), 1);
+    CHECK_EQ(figure("patterns", "subscriptions"), 2);
+    CHECK_EQ(figure("patterns", "patterns"), 1);
+    publish("s.x.temp", "1");
+    publish("s.y.temp", "2");
+    publish("s.y.hum", "no");
+    publish("s.x.y.temp", "no");
+    publish("s.z.temp", "3");
+    chan_settle();
+    /* Adjacent frames: one queue entry each, the same block for both. */
+    CHECK_EQ(a.conn->q_len, 1);
+    CHECK_EQ(b.conn->q_len, 1);
+    CHECK(a.conn->q[a.conn->q_head].blk == b.conn->q[b.conn->q_head].blk);
+    conn_flush_all();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 3);
+    CHECK(strcmp(got, "1|2|3|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 3);
+    CHECK(strcmp(got, "1|2|3|") == 0);
+
+    /* Overlap: c subscribes to the channel, to two patterns matching it and to one that does not. */
+    chan_subscribe(c.conn, "s.x.temp", 8);
+    chan_psubscribe(c.conn, "s.>", 3);
+    chan_psubscribe(c.conn, "*.x.*", 5);
+    chan_psubscribe(c.conn, "q.*", 3);
+    CHECK_EQ(c.conn->npsubs, 3);
+    publish("s.x.temp", "4");  /* the channel subscription: once */
+    publish("s.y.temp", "5");  /* s.> only (for c) */
+    publish("t.x.u", "6");     /* *.x.* only */
+    publish("s.x.u", "7");     /* s.> and *.x.*: once */
+    pass();
+    CHECK_EQ(peer_read(&c, got, sizeof(got), NULL), 4);
+    /* Each once; the order is kept per channel, not across channels. */
+    CHECK(strlen(got) == 8 && strstr(got, "4|") && strstr(got, "5|") && strstr(got, "6|") &&
+          strstr(got, "7|"));
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 2);
+    CHECK(strcmp(got, "4|5|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 2);
+
+    /* Mid-pass changes keep each channel's order: the channel subscription goes, comes, goes. */
+    chan_unsubscribe(c.conn, "s.x.temp", 8);
+    publish("s.x.temp", "8");    /* through a pattern now */
+    chan_subscribe(c.conn, "s.x.temp", 8);
+    publish("s.x.temp", "9");    /* through the channel */
+    chan_unsubscribe(c.conn, "s.x.temp", 8);
+    publish("s.x.temp", "10");   /* a pattern again */
+    chan_punsubscribe(c.conn, "s.>", 3);
+    publish("s.x.temp", "11");   /* still *.x.* */
+    chan_punsubscribe(c.conn, "*.x.*", 5);
+    publish("s.x.temp", "12");   /* nothing for c */
+    pass();
+    CHECK_EQ(peer_read(&c, got, sizeof(got), NULL), 4);
+    CHECK(strcmp(got, "8|9|10|11|") == 0);
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 5);
+    CHECK(strcmp(got, "8|9|10|11|12|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 5);
+
+    /* The subscription limit counts patterns too. */
+    chan_init(300, 2);
+    CHECK_EQ(c.conn->nsubs + c.conn->npsubs, 1);
+    CHECK_EQ(chan_subscribe(c.conn, "one", 3), 1);
+    CHECK_EQ(chan_psubscribe(c.conn, "two.*", 5), -1);
+    CHECK_EQ(chan_subscribe(c.conn, "three", 5), -1);
+    chan_init(300, 1000);
+
+    /* Closing drops every subscription, and the trie empties. */
+    conn_close_now(a.conn);
+    conn_close_now(b.conn);
+    conn_close_now(c.conn);
+    pass();
+    CHECK_EQ(figure("patterns", "subscriptions"), 0);
+    CHECK_EQ(figure("patterns", "trie_nodes"), 0);
+    CHECK_EQ(chan_subscription_count(), 0);
+    walks = figure("patterns", "walks");
+    publish("s.x.temp", "after");
+    CHECK_EQ(figure("patterns", "walks"), walks);
+    close(a.fd);
+    close(b.fd);
+    close(c.fd);
+}
+
+/* A pattern group's batch fills up while others hold it: it is handed out and a new one started,
+ * and every subscriber still gets every message once, from blocks they share. */
+static void test_pattern_batch_full(struct route *raw)
+{
+    struct peer a, b;
+    static char got[1 << 16];
+    peer_open(&a, raw);
+    peer_open(&b, raw);
+    chan_psubscribe(a.conn, "f.*", 3);
+    chan_subscribe(a.conn, "f.x", 3); /* a's f.x comes through the channel: its f.* regions break */
+    chan_psubscribe(b.conn, "f.*", 3);
+    char payload[301];
+    char want_a_x[1 << 15] = "", want_a_y[1 << 15] = "", want_b[1 << 16] = "";
+    for (int i = 0; i < 40; i++) {
+        memset(payload, 'a' + i % 26, 300);
+        snprintf(payload, sizeof(payload), "%02d", i);
+        payload[2] = '-';
+        const char *ch = i % 2 ? "f.y" : "f.x";
+        publish(ch, payload);
+        strcat(i % 2 ? want_a_y : want_a_x, payload);
+        strcat(i % 2 ? want_a_y : want_a_x, "|");
+        strcat(want_b, payload);
+        strcat(want_b, "|");
+    }
+    chan_settle();
+    /* b's frames are in a few blocks; a's f.y frames are the very bytes b is given (one frame
+     * per message in the pattern's batch, not one per subscriber). */
+    CHECK(b.conn->q_len <= 4);
+    int shared = 0;
+    for (uint32_t k = 0; k < a.conn->q_len; k++) {
+        struct conn_qitem *x = &a.conn->q[(a.conn->q_head + k) & (a.conn->q_cap - 1)];
+        int same_block = 0, covered = 0;
+        for (uint32_t i = 0; i < b.conn->q_len; i++) {
+            struct conn_qitem *y = &b.conn->q[(b.conn->q_head + i) & (b.conn->q_cap - 1)];
+            same_block |= x->blk == y->blk;
+            covered |= x->blk == y->blk && y->off <= x->off && x->off + x->len <= y->off + y->len;
+        }
+        CHECK(covered == same_block);
+        shared += same_block;
+    }
+    CHECK(shared >= 10);
+    conn_flush_all();
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 40);
+    CHECK(strcmp(got, want_b) == 0);
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 40);
+    /* Per channel, in order. */
+    char x[1 << 15] = "", y[1 << 15] = "";
+    for (char *tok = strtok(got, "|"); tok; tok = strtok(NULL, "|")) {
+        int i = atoi(tok);
+        strcat(i % 2 ? y : x, tok);
+        strcat(i % 2 ? y : x, "|");
+    }
+    CHECK(strcmp(x, want_a_x) == 0);
+    CHECK(strcmp(y, want_a_y) == 0);
+    conn_close_now(a.conn);
+    conn_close_now(b.conn);
+    pass();
+    close(a.fd);
+    close(b.fd);
+}
+
+static void member_cb(const char *id, size_t id_len, const char *info, size_t info_len,
+                      struct conn *local, void *arg)
+{
+    struct buf *b = arg;
+    buf_printf(b, "%.*s=%.*s;", (int)id_len, id, (int)info_len, info);
+}
+
+/* Presence: members with their info in the order they joined, join and leave events to listeners
+ * only, a leave when the connection goes. */
+static void test_presence(struct route *raw)
+{
+    struct peer a, b;
+    char got[4096];
+    peer_open(&a, raw);
+    peer_open(&b, raw);
+    CHECK_EQ(chan_presence_set(a.conn, "room", 4, 1, 1, NULL, 0), -1); /* not subscribed */
+    chan_subscribe(a.conn, "room", 4);
+    chan_subscribe(b.conn, "room", 4);
+    CHECK_EQ(chan_presence_set(a.conn, "room", 4, -1, 1, NULL, 0), 0);
+    CHECK_EQ(chan_presence_set(b.conn, "room", 4, 1, -1, "{\"n\":\"bob\"}", 11), 0);
+    CHECK_EQ(chan_presence_set(a.conn, "room", 4, 1, -1, "{}", 2), 0);
+    struct buf list = {0};
+    chan_presence_foreach("room", 4, member_cb, &list);
+    buf_append(&list, "", 1);
+    char want[256];
+    snprintf(want, sizeof(want), "%s:%llu={\"n\":\"bob\"};%s:%llu={};", chan_node_id(),
+             (unsigned long long)b.conn->id, chan_node_id(), (unsigned long long)a.conn->id);
+    CHECK(strcmp(list.data, want) == 0);
+    buf_free(&list);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 2); /* both joins, its own too */
+    CHECK(strstr(got, "\"op\":\"join\",\"channel\":\"room\"") && strstr(got, "\"info\":{\"n\":\"bob\"}"));
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 0); /* not a listener */
+    CHECK_EQ(figure("presence", "members"), 2);
+    CHECK_EQ(figure("presence", "listeners"), 1);
+    conn_close_now(b.conn);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 1);
+    CHECK(strstr(got, "\"op\":\"leave\"") != NULL);
+    CHECK_EQ(figure("presence", "members"), 1);
+    chan_unsubscribe(a.conn, "room", 4);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 0); /* not told of its own leave */
+    CHECK_EQ(figure("presence", "members"), 0);
+    CHECK_EQ(figure("presence", "channels"), 0);
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+    close(b.fd);
+}
+
+/* A member dropped as a slow consumer while the queues are being written: its leave reaches the
+ * listeners in that same flush, not whenever the loop next wakes up. */
+static void test_presence_slow_member(struct route *raw)
+{
+    struct conn_limits lim = *conn_get_limits();
+    struct conn_limits saved = lim;
+    lim.send_queue = 64 * 1024;
+    conn_set_limits(&lim);
+    struct peer member, listener;
+    static char got[1 << 16];
+    peer_open(&member, raw);
+    peer_open(&listener, raw);
+    chan_subscribe(listener.conn, "hall", 4);
+    chan_presence_set(listener.conn, "hall", 4, -1, 1, NULL, 0);
+    chan_subscribe(member.conn, "hall", 4);
+    chan_presence_set(member.conn, "hall", 4, 1, -1, NULL, 0);
+    chan_subscribe(member.conn, "firehose", 8);
+    pass();
+    CHECK_EQ(peer_read(&listener, got, sizeof(got), NULL), 1); /* the join */
+    uint64_t dropped = stats.slow_consumers_dropped;
+    char payload[1024];
+    memset(payload, 'x', sizeof(payload) - 1);
+    payload[sizeof(payload) - 1] = 0;
+    for (int i = 0; i < 2000 && stats.slow_consumers_dropped == dropped; i++) {
+        publish("firehose", payload);
+        pass();
+    }
+    CHECK_EQ(stats.slow_consumers_dropped, dropped + 1);
+    CHECK_EQ(peer_read(&listener, got, sizeof(got), NULL), 1);
+    CHECK(strstr(got, "\"op\":\"leave\"") != NULL);
+    conn_close_now(member.conn);
+    conn_close_now(listener.conn);
+    pass();
+    close(member.fd);
+    close(listener.fd);
+    conn_set_limits(&saved);
+}
+
 int main(void)
 {
     loop = ev_default_loop(0);
@@ -355,6 +668,11 @@ int main(void)
     test_fanout(raw);
     test_slow_consumer(raw);
     test_fanout_deflate();
+    test_patterns(raw);
+    test_pattern_batch_full(raw);
+    test_pattern_deflate();
+    test_presence(raw);
+    test_presence_slow_member(raw);
     route_unref(raw);
     return TEST_REPORT();
 }

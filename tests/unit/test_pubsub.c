@@ -64,6 +64,17 @@ static void accepted(void)
     strcat(name, "\"}");
     CHECK_EQ(parse(name, 0), 0);
     CHECK_EQ(q.channel_len, CHAN_NAME_MAX);
+
+    CHECK_EQ(parse("{\"op\":\"subscribe\",\"pattern\":\"sensors.*.temp\",\"id\":2}", 0), 0);
+    CHECK(q.op == PUBSUB_SUBSCRIBE && q.is_pattern && strcmp(q.channel, "sensors.*.temp") == 0);
+    CHECK_EQ(parse("{\"op\":\"unsubscribe\",\"pattern\":\"a.>\"}", 0), 0);
+    CHECK(q.op == PUBSUB_UNSUBSCRIBE && q.is_pattern && q.channel_len == 3);
+    CHECK_EQ(parse("{\"op\":\"subscribe\",\"channel\":\"room\",\"presence\":true,\"events\":false,"
+                   "\"info\":{\"nick\":\"ann\"}}", 0), 0);
+    CHECK(!q.is_pattern && q.presence == 1 && q.events == 0 && q.info.type == JSON_OBJECT &&
+          span_is(&q.info, "{\"nick\":\"ann\"}"));
+    CHECK_EQ(parse("{\"op\":\"presence\",\"channel\":\"room\"}", 0), 0);
+    CHECK(q.op == PUBSUB_PRESENCE && q.presence == -1 && q.events == -1);
 }
 
 static void refused(void)
@@ -76,9 +87,9 @@ static void refused(void)
         {"[1]", "not a JSON object", NULL},
         {"{\"op\":", NULL, NULL},
         {"{\"channel\":\"c\",\"id\":7}", "missing \"op\"", "7"},
-        {"{\"op\":1,\"channel\":\"c\"}", "\"op\" must be one of subscribe, unsubscribe, publish", NULL},
+        {"{\"op\":1,\"channel\":\"c\"}", "\"op\" must be one of subscribe, unsubscribe, publish, presence", NULL},
         {"{\"op\":\"jump\",\"channel\":\"c\",\"id\":\"j\"}",
-         "unknown \"op\": expected subscribe, unsubscribe or publish", "\"j\""},
+         "unknown \"op\": expected subscribe, unsubscribe, publish or presence", "\"j\""},
         {"{\"op\":\"subscribe\"}", "missing \"channel\"", NULL},
         {"{\"op\":\"subscribe\",\"channel\":5}", "\"channel\" must be a string", NULL},
         {"{\"op\":\"subscribe\",\"channel\":\"\"}", NULL, NULL},
@@ -91,6 +102,23 @@ static void refused(void)
          "\"epoch\" must be the string a subscribed reply gave", NULL},
         {"{\"op\":\"publish\",\"channel\":\"c\",\"id\":null}", "missing \"data\"", "null"},
         {"{\"op\":\"subscribe\",\"op\":\"publish\",\"channel\":\"c\"}", "duplicate key \"op\"", NULL},
+        {"{\"op\":\"publish\",\"pattern\":\"a.*\",\"data\":1}",
+         "\"pattern\" goes with subscribe and unsubscribe (publish and presence take a \"channel\")", NULL},
+        {"{\"op\":\"subscribe\",\"pattern\":\"a.*\",\"channel\":\"a\"}",
+         "give \"channel\" or \"pattern\", not both", NULL},
+        {"{\"op\":\"subscribe\",\"pattern\":\"a.*\",\"since\":1}",
+         "since, epoch, presence, events and info go with a \"channel\", not a \"pattern\"", NULL},
+        {"{\"op\":\"subscribe\",\"pattern\":7}", "\"pattern\" must be a string", NULL},
+        {"{\"op\":\"subscribe\",\"pattern\":\"a..b\"}", NULL, NULL},
+        {"{\"op\":\"subscribe\",\"pattern\":\"a.>.b\"}", NULL, NULL},
+        {"{\"op\":\"publish\",\"channel\":\"c\",\"data\":1,\"presence\":true}",
+         "presence, events and info go with subscribe", NULL},
+        {"{\"op\":\"subscribe\",\"channel\":\"c\",\"presence\":1}", "\"presence\" must be true or false", NULL},
+        {"{\"op\":\"subscribe\",\"channel\":\"c\",\"events\":\"yes\"}", "\"events\" must be true or false", NULL},
+        {"{\"op\":\"subscribe\",\"channel\":\"c\",\"presence\":true,\"info\":[1]}",
+         "\"info\" must be a JSON object", NULL},
+        {"{\"op\":\"subscribe\",\"channel\":\"c\",\"info\":{}}", "\"info\" goes with \"presence\":true", NULL},
+        {"{\"op\":\"presence\"}", "missing \"channel\"", NULL},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         CHECK_EQ(parse(cases[i].msg, 0), -1);
@@ -120,7 +148,7 @@ static void error_reply(void)
     pubsub_error_reply(&b, error, &q.id);
     buf_append(&b, "", 1);
     CHECK(strcmp(b.data, "{\"op\":\"error\",\"error\":\"unknown \\\"op\\\": expected subscribe, "
-                         "unsubscribe or publish\",\"id\":{\"k\":[1]}}") == 0);
+                         "unsubscribe, publish or presence\",\"id\":{\"k\":[1]}}") == 0);
     b.len = 0;
     pubsub_error_reply(&b, "bad \xff\n", NULL);
     CHECK(json_valid(b.data, b.len));
