@@ -70,7 +70,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     size_t step = steps[data[0] & 7], max = maxes[data[0] >> 5];
     int text = (data[0] >> 3) & 1, nct = (data[0] >> 4) & 1;
-    int client_bits = 8 + (data[1] & 7), level = 1 + (data[1] & 15) % 9;
+    int level = 1 + (data[1] & 15) % 9;
     int server_bits = PMD_MIN_SERVER_BITS + (data[1] >> 3 & 15) % (16 - PMD_MIN_SERVER_BITS);
     const uint8_t *rest = data + 2;
     size_t len = size - 2;
@@ -78,7 +78,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_negotiate(rest, len);
 
     /* The payload as two messages in a row: in pieces and whole, the same verdicts and bytes. */
-    struct pmd_inflater *a = pmd_inflater_new(client_bits, nct), *b = pmd_inflater_new(client_bits, nct);
+    struct pmd_inflater *a = pmd_inflater_new(nct), *b = pmd_inflater_new(nct);
     struct buf out_a = {0}, out_b = {0};
     for (int m = 0; m < 2; m++) {
         int ra = inflate_message(a, rest, len, step, text, &out_a, max);
@@ -93,7 +93,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* Round trip: what we send inflates back with the window it was made for. */
     if (data[1] & 0x80) {
-        struct pmd_inflater *f = pmd_inflater_new(server_bits, 1);
+        struct pmd_inflater *f = pmd_inflater_new(1);
         if (pmd_compress(server_bits, level, 0, rest, len, &out_a)) {
             REQUIRE(out_a.len < len);
             REQUIRE(inflate_message(f, (const uint8_t *)out_a.data, out_a.len, step, 0, &out_b, len) == 0);

@@ -315,16 +315,14 @@ struct pmd_inflater {
     uint8_t ended;        /* its deflate data ended with a final block (BFINAL) */
 };
 
-struct pmd_inflater *pmd_inflater_new(int window_bits, int no_context_takeover)
+struct pmd_inflater *pmd_inflater_new(int no_context_takeover)
 {
     struct pmd_inflater *f = xcalloc(1, sizeof(*f));
-    /* Clients whose zlib predates 1.2.9 compress with a 512-byte window when asked for 256 bytes;
-     * inflating with at least 512 takes their data too (a larger window never hurts inflating). */
-    if (window_bits < 9)
-        window_bits = 9;
-    if (window_bits > 15)
-        window_bits = 15;
-    int rc = inflateInit2(&f->z, -window_bits);
+    /* Always the largest window, whatever the client promised: a larger window never hurts
+     * inflating, and with a smaller one zlib's verdict on a distance past the window would depend
+     * on how the output happened to be cut (it may copy from the output buffer it was given), so
+     * the same bytes could pass whole and fail in pieces. zlib allocates the window lazily. */
+    int rc = inflateInit2(&f->z, -15);
     if (rc != Z_OK)
         zlib_fatal("inflateInit2", rc);
     f->no_context_takeover = (uint8_t)!!no_context_takeover;

@@ -49,9 +49,10 @@ int pmd_compress(int window_bits, int level, size_t min_size, const void *msg, s
 /* A client's inflate stream, with the state of the message being inflated. */
 struct pmd_inflater;
 
-/* A new inflater for a client that may compress with a window of window_bits (8..15); with
- * no_context_takeover, each message starts from an empty window. Owned by the caller. */
-struct pmd_inflater *pmd_inflater_new(int window_bits, int no_context_takeover);
+/* A new inflater for a client (whatever window it negotiated: the inflater always keeps the largest,
+ * see deflate.c); with no_context_takeover, each message starts from an empty window. Owned by the
+ * caller. */
+struct pmd_inflater *pmd_inflater_new(int no_context_takeover);
 void pmd_inflater_free(struct pmd_inflater *f);
 /* 1 when no message is being inflated, so the inflater holds nothing a later message needs
  * (if it was made with no_context_takeover) and may be freed. */

@@ -820,7 +820,7 @@ static size_t process_http(struct conn *c, char *data, size_t len)
 static int ws_inflate_chunk(struct conn *c, const struct ws_event *ev)
 {
     if (!c->inflater)
-        c->inflater = pmd_inflater_new(c->pmd.client_bits, c->pmd.client_no_context_takeover);
+        c->inflater = pmd_inflater_new(c->pmd.client_no_context_takeover);
     const char *why;
     int code = pmd_inflate(c->inflater, ev->data, ev->len, ev->fin, ev->opcode == WS_OP_TEXT, c->message,
                            cfg->max_message, &why);

@@ -291,7 +291,7 @@ static void test_fanout_deflate(void)
         peer_open(all[i], r);
         all[i]->conn->pmd.server_bits = bits[i]; /* as the handshake sets it */
         all[i]->wp.deflate = bits[i] != 0;        /* the plain peer fails on any RSV1 */
-        inflaters[i] = pmd_inflater_new(15, 1);
+        inflaters[i] = pmd_inflater_new(1);
         CHECK_EQ(chan_subscribe(all[i]->conn, "zipped", 6), 1);
     }
     const char *a = "a message long enough to be compressed: compressed, compressed, compressed";
@@ -330,7 +330,7 @@ static void test_fanout_deflate(void)
     chan_settle();
     CHECK(late.conn->q[late.conn->q_head].blk == z10.conn->q[z10.conn->q_head].blk);
     conn_flush_all();
-    struct pmd_inflater *lf = pmd_inflater_new(15, 1);
+    struct pmd_inflater *lf = pmd_inflater_new(1);
     int compressed = 0;
     CHECK_EQ(peer_read_deflate(&late, lf, got, sizeof(got), &compressed), 1);
     CHECK_EQ(compressed, 1);
@@ -362,7 +362,7 @@ static void test_pattern_deflate(void)
         peer_open(all[i], r);
         all[i]->conn->pmd.server_bits = bits[i];
         all[i]->wp.deflate = bits[i] != 0;
-        inflaters[i] = pmd_inflater_new(15, 1);
+        inflaters[i] = pmd_inflater_new(1);
         if (i == 0)
             CHECK_EQ(chan_subscribe(all[i]->conn, "zp.a", 4), 1);
         else

@@ -293,7 +293,7 @@ static void test_inflate_basic(void)
     make_text(msg, sizeof(msg), 11);
     for (size_t s = 0; s < sizeof(steps) / sizeof(steps[0]); s++) {
         /* Context takeover: later messages refer back to earlier ones. */
-        struct pmd_inflater *f = pmd_inflater_new(15, 0);
+        struct pmd_inflater *f = pmd_inflater_new(0);
         client_init(&cl, 15);
         for (int i = 0; i < 4; i++) {
             size_t len = 5000 + (size_t)i * 1000;
@@ -310,7 +310,7 @@ static void test_inflate_basic(void)
     }
 
     /* Without context takeover, a message that refers back to the one before is invalid data. */
-    struct pmd_inflater *f = pmd_inflater_new(15, 1);
+    struct pmd_inflater *f = pmd_inflater_new(1);
     client_init(&cl, 15);
     size_t n = client_compress(&cl, msg, 3000, z, sizeof(z), Z_SYNC_FLUSH);
     CHECK_EQ(inflate_pieces(f, z, n, 7, 0, &out, 1 << 20), 0);
@@ -328,16 +328,16 @@ static void test_inflate_basic(void)
     pmd_inflater_free(f);
 
     /* A message of our own compressor inflates back; so does the empty message ("00"). */
-    f = pmd_inflater_new(15, 1);
+    f = pmd_inflater_new(1);
     CHECK_EQ(pmd_compress(15, 6, 0, msg, 10000, &out), 1);
     struct buf back = {0};
     CHECK_EQ(inflate_pieces(f, (uint8_t *)out.data, out.len, 333, 1, &back, 10000), 0);
     CHECK(back.len == 10000 && memcmp(back.data, msg, 10000) == 0);
     CHECK_EQ(inflate_pieces(f, (const uint8_t *)"\x00", 1, 1, 1, &back, 10), 0);
     CHECK_EQ(back.len, 0);
-    /* A client with a small window, inflated with that window (zlib's 8 is really 9). */
+    /* A client with a small window (the inflater always keeps the largest). */
     pmd_inflater_free(f);
-    f = pmd_inflater_new(8, 0);
+    f = pmd_inflater_new(0);
     client_init(&cl, 9);
     n = client_compress(&cl, msg, 8000, z, sizeof(z), Z_SYNC_FLUSH);
     CHECK_EQ(inflate_pieces(f, z, n, 512, 0, &back, 8000), 0);
@@ -357,7 +357,7 @@ static void test_inflate_final_block(void)
 
     /* A message ending in a final block (BFINAL), as some clients flush, with context takeover:
      * the next message may still refer to it. */
-    struct pmd_inflater *f = pmd_inflater_new(15, 0);
+    struct pmd_inflater *f = pmd_inflater_new(0);
     client_init(&cl, 15);
     size_t n = client_compress(&cl, msg, 3000, z, sizeof(z), Z_FINISH);
     CHECK_EQ(inflate_pieces(f, z, n, 100, 1, &out, 1 << 20), 0);
@@ -398,7 +398,7 @@ static void test_inflate_bounds(void)
     CHECK(n < 20000);
     size_t steps[] = {1, 1000, n};
     for (size_t s = 0; s < 3; s++) {
-        struct pmd_inflater *f = pmd_inflater_new(15, 0);
+        struct pmd_inflater *f = pmd_inflater_new(0);
         buf_free(&out);
         CHECK_EQ(inflate_pieces(f, z, n, steps[s], 0, &out, 65536), WS_CLOSE_TOO_BIG);
         CHECK(out.len <= 65536);
@@ -413,7 +413,7 @@ static void test_inflate_bounds(void)
         n = client_compress(&cl, zeros, len, z, 1000, Z_SYNC_FLUSH);
         deflateEnd(&cl.z);
         for (size_t step = 1; step <= n; step += n - 1) {
-            struct pmd_inflater *f = pmd_inflater_new(15, 1);
+            struct pmd_inflater *f = pmd_inflater_new(1);
             int rc = inflate_pieces(f, z, n, step, 0, &out, 1001);
             CHECK_EQ(rc, len <= 1001 ? 0 : WS_CLOSE_TOO_BIG);
             if (!rc)
@@ -435,7 +435,7 @@ static void test_inflate_invalid(void)
     struct client cl;
     make_text(msg, sizeof(msg), 9);
 
-    struct pmd_inflater *f = pmd_inflater_new(15, 0);
+    struct pmd_inflater *f = pmd_inflater_new(0);
     /* Block type 3 is reserved. */
     CHECK_EQ(inflate_pieces(f, (const uint8_t *)"\xff\xff\xff", 3, 1, 0, &out, 1000), WS_CLOSE_INVALID_DATA);
     /* A zero-length payload is not a deflate block: the appended tail alone is half a stored block. */
@@ -464,7 +464,7 @@ static void test_inflate_utf8(void)
     uint8_t z[1000];
     struct buf out = {0};
     struct client cl;
-    struct pmd_inflater *f = pmd_inflater_new(15, 1);
+    struct pmd_inflater *f = pmd_inflater_new(1);
     const char *good = "héllo wörld ✓ 𝄞 κόσμε, héllo wörld ✓ 𝄞 κόσμε";
     const char *bad[] = {"valid start, then \xc0\xaf an overlong", "a surrogate \xed\xa0\x80 here",
                          "ends inside a character \xe2\x9c"};
@@ -494,7 +494,7 @@ static void test_inflate_utf8(void)
     client_init(&cl, 15);
     size_t n = client_compress(&cl, text, sizeof(text), zz, sizeof(zz), Z_SYNC_FLUSH);
     deflateEnd(&cl.z);
-    f = pmd_inflater_new(15, 0);
+    f = pmd_inflater_new(0);
     const char *why;
     out.len = 0;
     CHECK_EQ(pmd_inflate(f, zz, n, 0, 1, &out, 1 << 20, &why), WS_CLOSE_INVALID_DATA);
