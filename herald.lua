@@ -21,5 +21,9 @@ routes = {
   { path = "/countdown", script = "scripts/countdown.lua" }, -- 10 .. 1, BOOM!
 }
 
--- Channels that keep their last messages, so clients can resume where they were.
-history = { { prefix = "chat:", length = 100, age = 3600 } }
+-- Channels that keep their last messages, so clients can resume where they were: chat rooms, and
+-- the front page's "news" (a page that reconnects gets what was published meanwhile).
+history = {
+  { prefix = "chat:", length = 100, age = 3600 },
+  { prefix = "news",  length = 100, age = 3600 },
+}
