@@ -1,7 +1,8 @@
 // A small TCP proxy in front of herald, for what a browser test cannot do to the browser's own
 // connections: cut them (every connection through the proxy closed at once, as a network drop
 // would), hold new ones back for a while (so that messages are published while a client is
-// cut off, deterministically), and break WebSocket handshakes the way a proxy that does not know
+// cut off, deterministically), refuse them for a while (as if the server were away), and break
+// WebSocket handshakes the way a proxy that does not know
 // WebSocket does, by removing the Upgrade header (herald then answers 426, as to a plain GET)
 // while plain HTTP goes through.
 //
@@ -21,6 +22,8 @@ export class Proxy {
     this.stripped = 0;    // WebSocket handshakes broken
     this.pairs = new Set();
     this.held = null;     // while holding: the connections waiting to be passed on
+    this.refusing = false;
+    this.refused = 0;     // connections closed at once while refusing
     this.waiters = [];
     this.server = null;
     this.port = 0;
@@ -42,6 +45,12 @@ export class Proxy {
   }
 
   accept(client) {
+    if (this.refusing) {
+      client.destroy();
+      this.refused++;
+      this.changed();
+      return;
+    }
     const pair = { client, upstream: null };
     const pending = [];
     this.pairs.add(pair);
@@ -91,27 +100,51 @@ export class Proxy {
 
   record(head) {
     this.heads.push(head);
-    for (const w of [...this.waiters]) {
-      if (w.test(head)) {
-        this.waiters.splice(this.waiters.indexOf(w), 1);
-        w.resolve(head);
-      }
-    }
+    this.changed();
   }
 
-  /** The first request head from now on that test(head) accepts (or one already seen after
-   *  index `from` of heads), within timeout ms. */
-  waitHead(test, { from = this.heads.length, timeout = 10000 } = {}) {
-    const seen = this.heads.slice(from).find(test);
-    if (seen) return Promise.resolve(seen);
+  changed() {
+    for (const w of [...this.waiters]) w.check();
+  }
+
+  /** Wait until test() holds, checked now and whenever a request or a refused connection comes
+   *  through; within timeout ms. Resolves to what test() returned. */
+  until(test, { timeout = 10000 } = {}) {
     return new Promise((resolve, reject) => {
-      const w = { test, resolve: (h) => (clearTimeout(timer), resolve(h)) };
+      const w = {
+        check: () => {
+          const value = test();
+          if (!value) return;
+          clearTimeout(timer);
+          this.waiters.splice(this.waiters.indexOf(w), 1);
+          resolve(value);
+        },
+      };
       const timer = setTimeout(() => {
         this.waiters.splice(this.waiters.indexOf(w), 1);
-        reject(new Error("no such request through the proxy within " + timeout + " ms"));
+        reject(new Error("the proxy did not see that within " + timeout + " ms: " + test));
       }, timeout);
       this.waiters.push(w);
+      w.check();
     });
+  }
+
+  /** The first request head test(head) accepts, of those from index `from` of heads on (default:
+   *  from now on), within timeout ms. */
+  waitHead(test, { from = this.heads.length, timeout = 10000 } = {}) {
+    let next = from;
+    return this.until(() => {
+      while (next < this.heads.length) {
+        const head = this.heads[next++];
+        if (test(head)) return head;
+      }
+      return null;
+    }, { timeout });
+  }
+
+  /** Close new connections at once (as a server that is away would), or let them in again. */
+  refuse(on = true) {
+    this.refusing = on;
   }
 
   /** From now on, new connections wait (their requests are read, not passed on). */
