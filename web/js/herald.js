@@ -52,6 +52,9 @@ export function wsURL(path) {
   return url.href;
 }
 
+/** " · permessage-deflate" (say) when a WebSocket negotiated an extension. */
+const extensionsOf = (ws) => (ws && ws.extensions ? " · " + ws.extensions.split(";")[0] : "");
+
 /** What a connection and a feed share: a state, events, and tries again with backoff. */
 class Retrying {
   constructor({ minDelay = 500, maxDelay = 8000 } = {}) {
@@ -150,9 +153,9 @@ export class Connection extends Retrying {
     this.open();
   }
 
-  /** What the connection is, for a tooltip. */
+  /** What the connection is, for a tooltip (with the extension negotiated, if any). */
   get description() {
-    return `WebSocket ${this.path}`;
+    return `WebSocket ${this.path}${extensionsOf(this.ws)}`;
   }
 
   open() {
@@ -263,7 +266,8 @@ export class Feed extends Retrying {
   /** What the feed is, for a tooltip. */
   get description() {
     const list = this.channels.join(", ");
-    return this.transport === "sse" ? `Server-Sent Events ${this.sseURL(false).pathname}: ${list}` : `WebSocket ${this.wsPath}: ${list}`;
+    return this.transport === "sse" ? `Server-Sent Events ${this.sseURL(false).pathname}: ${list}`
+      : `WebSocket ${this.wsPath}${extensionsOf(this.ws)}: ${list}`;
   }
 
   open() {
