@@ -14,6 +14,8 @@ test("index: live figures per demo, links, channel news", { timeout: 60000 }, as
     // Where WebSocket works, the page uses it, and says so.
     assert.equal(await page.locator("#status").getAttribute("data-transport"), "websocket");
     assert.equal(await page.locator("#status").textContent(), "live · WebSocket");
+    // As in the demo configuration, /ws lets Chromium compress (permessage-deflate).
+    assert.equal(await page.locator("#status").getAttribute("title"), "WebSocket /ws · permessage-deflate: dashboard, news");
     assert.match(await page.locator(".hero p").textContent(), /WebSocket pub\/sub broker/);
 
     // Every demo has a card linking to a page that exists.

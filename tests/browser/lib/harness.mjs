@@ -45,17 +45,17 @@ export function freePort() {
 const lua = (s) => JSON.stringify(s); // the paths used here need no escapes beyond JSON's
 
 // The demo configuration's routes (herald.lua), with the scripts of this checkout. deflate: the
-// routes that negotiate permessage-deflate there (none yet).
+// routes that negotiate permessage-deflate there.
 const DEMO_ROUTES = [
-  { path: "/ws", kind: "pubsub" },
+  { path: "/ws", kind: "pubsub", deflate: true },
   { path: "/sub/", kind: "raw", publish: true },
   { path: "/echo", kind: "echo" },
   { path: "/sse/", kind: "sse" },
   { path: "/echo-lua", script: "echo.lua" },
-  { path: "/chat", script: "chat.lua" },
-  { path: "/draw", script: "draw.lua" },
-  { path: "/log", script: "logstream.lua" },
-  { path: "/dashboard", script: "dashboard.lua" },
+  { path: "/chat", script: "chat.lua", deflate: true },
+  { path: "/draw", script: "draw.lua", deflate: true },
+  { path: "/log", script: "logstream.lua", deflate: true },
+  { path: "/dashboard", script: "dashboard.lua", deflate: true },
   { path: "/countdown", script: "countdown.lua" },
 ];
 
