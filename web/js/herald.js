@@ -403,8 +403,8 @@ export function subscribe(channels, onMessage, options) {
 /**
  * Show a connection's or a feed's state in el (a pill: data-state is "connecting", "open",
  * "reconnecting" or "closed"; data-reconnects counts comebacks; data-transport is "websocket" or
- * "sse"), with a notice while it is down and one when it is
- * back. Clicking the pill while it waits tries again at once.
+ * "sse"), with a notice while it is down and one when it is back. Clicking the pill while it
+ * waits tries again at once.
  */
 export function showStatus(conn, el) {
   let lost = null;   // the notice shown while the connection is down
