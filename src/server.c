@@ -576,9 +576,62 @@ static int each_name(const char *list, size_t len, int (*fn)(const char *, size_
     return 0;
 }
 
+/* Is name one of the comma-separated names in list? */
+static int in_list(const char *list, size_t list_len, const char *name, size_t len)
+{
+    size_t start = 0;
+    for (size_t i = 0; i <= list_len; i++) {
+        if (i == list_len || list[i] == ',') {
+            if (i - start == len && memcmp(list + start, name, len) == 0)
+                return 1;
+            start = i + 1;
+        }
+    }
+    return 0;
+}
+
+struct sse_resume_ctx {
+    struct conn *c;
+    const struct buf *channels; /* the stream's channels, comma-separated */
+};
+
+/* One Last-Event-ID, epoch:channel:seq: replay what the channel's history holds after seq, if it
+ * reaches back that far in this epoch and the stream is on that channel. Anything else is ignored
+ * (the stream goes on live). */
+static int sse_resume(const char *id, size_t idlen, void *arg)
+{
+    struct sse_resume_ctx *x = arg;
+    const char *c1 = memchr(id, ':', idlen);
+    const char *c2 = NULL;
+    for (const char *p = id + idlen; c1 && p-- > c1;)
+        if (*p == ':') {
+            c2 = p;
+            break;
+        }
+    if (!c1 || !c2 || c2 == c1)
+        return 0;
+    char seqtext[24];
+    size_t sl = (size_t)(id + idlen - c2 - 1);
+    if (!sl || sl >= sizeof(seqtext))
+        return 0;
+    memcpy(seqtext, c2 + 1, sl);
+    seqtext[sl] = 0;
+    char *end;
+    unsigned long long since = strtoull(seqtext, &end, 10);
+    const char *name = c1 + 1;
+    size_t nlen = (size_t)(c2 - c1 - 1);
+    uint64_t last;
+    const char *why;
+    if (!*end && seqtext[0] >= '0' && seqtext[0] <= '9' && chan_name_valid(name, nlen, &why) &&
+        in_list(x->channels->data, x->channels->len, name, nlen) &&
+        chan_recover(name, nlen, since, id, (size_t)(c1 - id), &last) == 1)
+        chan_replay(x->c, name, nlen, since);
+    return 0;
+}
+
 /* GET /sse/<channel>[?channels=a,b]: an event stream of the channels' messages. A Last-Event-ID
  * (header, or ?last_event_id= for a first connection) of the form epoch:channel:seq resumes that
- * channel from its history. */
+ * channel from its history; several ids, comma-separated, resume several channels. */
 static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct http_request *req,
                       struct route *r, const char *path, size_t path_len)
 {
@@ -654,42 +707,21 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
     c->is_ws = 2; /* counted in sse_streams */
     x.subscribe = 1;
     each_name(list.data, list.len, sse_channel, &x);
-    buf_free(&list);
-    /* Resume: epoch:channel:seq */
-    char idbuf[320];
-    size_t idlen;
+    /* Resume: epoch:channel:seq, or a comma-separated list of such ids, one per channel. */
+    size_t idlen = 0;
     const char *id = http_header_get(req, "last-event-id", &idlen);
+    char *ids = NULL;
     if (!id && req->query) {
-        ssize_t n = http_query_get(req->query, req->query_len, "last_event_id", idbuf, sizeof(idbuf));
-        if (n > 0) {
-            id = idbuf;
-            idlen = (size_t)n;
-        }
+        ids = xmalloc(req->query_len + 1);
+        ssize_t n = http_query_get(req->query, req->query_len, "last_event_id", ids, req->query_len + 1);
+        id = ids;
+        idlen = n > 0 ? (size_t)n : 0;
     }
-    const char *c1 = id ? memchr(id, ':', idlen) : NULL;
-    const char *c2 = NULL;
-    for (const char *p = id ? id + idlen : NULL; c1 && p-- > c1;)
-        if (*p == ':') {
-            c2 = p;
-            break;
-        }
-    if (c1 && c2 && c2 > c1) {
-        char seqtext[24];
-        size_t sl = (size_t)(id + idlen - c2 - 1);
-        if (sl && sl < sizeof(seqtext)) {
-            memcpy(seqtext, c2 + 1, sl);
-            seqtext[sl] = 0;
-            char *end;
-            unsigned long long since = strtoull(seqtext, &end, 10);
-            const char *name = c1 + 1;
-            size_t nlen = (size_t)(c2 - c1 - 1);
-            uint64_t last;
-            const char *why;
-            if (!*end && chan_name_valid(name, nlen, &why) &&
-                chan_recover(name, nlen, since, id, (size_t)(c1 - id), &last) == 1)
-                chan_replay(c, name, nlen, since);
-        }
-    }
+    struct sse_resume_ctx rx = {.c = c, .channels = &list};
+    if (id)
+        each_name(id, idlen, sse_resume, &rx);
+    free(ids);
+    buf_free(&list);
 }
 
 /* --- HTTP requests ------------------------------------------------------------------------------ */

@@ -11,6 +11,11 @@ test("index: live figures per demo, links, channel news", { timeout: 60000 }, as
     const page = await newPage(context);
     await page.goto(herald.url("/"));
     await waitConnected(page);
+    // Where WebSocket works, the page uses it, and says so.
+    assert.equal(await page.locator("#status").getAttribute("data-transport"), "websocket");
+    assert.equal(await page.locator("#status").textContent(), "live · WebSocket");
+    // As in the demo configuration, /ws lets Chromium compress (permessage-deflate).
+    assert.equal(await page.locator("#status").getAttribute("title"), "WebSocket /ws · permessage-deflate: dashboard, news");
     assert.match(await page.locator(".hero p").textContent(), /WebSocket pub\/sub broker/);
 
     // Every demo has a card linking to a page that exists.
@@ -33,7 +38,13 @@ test("index: live figures per demo, links, channel news", { timeout: 60000 }, as
     } finally {
       clearInterval(talk);
     }
+    // The front page reads the figures from channel "dashboard", not as a client of the
+    // /dashboard route: the dashboard card counts the dashboard pages open, none so far.
+    await fig(page, '[data-demo="dashboard"]', "clients").filter({ hasText: /^0$/ }).waitFor();
+    const dash = await newPage(context);
+    await dash.goto(herald.url("/dashboard.html"));
     await fig(page, '[data-demo="dashboard"]', "clients").filter({ hasText: /^1$/ }).waitFor();
+    await dash.close();
 
     // A message published over HTTP shows up in the "news" box.
     await herald.publish("news", "hello from the test <i>as text</i>");

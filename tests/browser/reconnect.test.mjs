@@ -35,9 +35,12 @@ test("reconnect: each page reconnects after a broker restart and says so", { tim
     }));
     await screenshot(pages[4], "reconnect-dashboard-back");
 
-    // And they work again.
+    // And they work again. The front page, whose WebSocket had opened before, took the failed
+    // tries meanwhile for the broker being away, not for WebSocket being blocked: it is back on
+    // WebSocket, not on its Server-Sent Events fallback.
     const [index, , chat, log, , , echo] = pages;
     await index.locator(".figures [data-fig='uptime']").waitFor();
+    assert.equal(await index.locator("#status").getAttribute("data-transport"), "websocket");
     await chat.locator(".notice", { hasText: "Reconnected." }).waitFor();
     await chat.locator("#people li", { hasText: "ann" }).waitFor();
     await echo.locator("#text").fill("still here");

@@ -18,14 +18,16 @@ DEMO = REPO / "scripts"
 
 
 def demo_routes():
+    """As in herald.lua, permessage-deflate included (python3-websockets offers it, so these tests
+    talk to the JSON routes compressed, as browsers do)."""
     return [
-        {"path": "/ws", "kind": "pubsub"},
+        {"path": "/ws", "kind": "pubsub", "deflate": True},
         {"path": "/sub/", "kind": "raw", "publish": True},
         {"path": "/echo-lua", "script": str(DEMO / "echo.lua")},
-        {"path": "/chat", "script": str(DEMO / "chat.lua")},
-        {"path": "/draw", "script": str(DEMO / "draw.lua")},
-        {"path": "/log", "script": str(DEMO / "logstream.lua")},
-        {"path": "/dashboard", "script": str(DEMO / "dashboard.lua")},
+        {"path": "/chat", "script": str(DEMO / "chat.lua"), "deflate": True},
+        {"path": "/draw", "script": str(DEMO / "draw.lua"), "deflate": True},
+        {"path": "/log", "script": str(DEMO / "logstream.lua"), "deflate": True},
+        {"path": "/dashboard", "script": str(DEMO / "dashboard.lua"), "deflate": True},
         {"path": "/countdown", "script": str(DEMO / "countdown.lua")},
     ]
 

@@ -94,6 +94,31 @@ def test_resume_with_last_event_id(herald):
     stale.close()
 
 
+@pytest.mark.herald(routes=ROUTES, history=HISTORY)
+def test_resume_several_channels(herald):
+    """?last_event_id= may list one id per channel: each is resumed, not only the last one's."""
+    s = Stream(herald.port, "/sse/?channels=h:x,h:y,live")
+    herald.publish("h:x", b"x1")
+    herald.publish("h:y", b"y1")
+    herald.publish("live", b"l1")
+    ids = [s.next_event()["id"] for _ in range(3)]
+    s.close()
+    herald.wait_stats(lambda st: st["sse_streams"] == 0)
+    herald.publish("h:x", b"x2")
+    herald.publish("h:y", b"y2")
+    herald.publish("h:y", b"y3")
+    herald.publish("live", b"l2")
+    herald.publish("h:other", b"o1")
+    epoch = ids[0].split(":")[0]
+    listed = ",".join(ids + ["%s:h:other:0" % epoch])  # not a channel of this stream: ignored
+    r = Stream(herald.port, "/sse/?channels=live,h:y,h:x&last_event_id=" + listed.replace(":", "%3A").replace(",", "%2C"))
+    herald.publish("h:x", b"x3")
+    got = [r.next_event()["data"] for _ in range(4)]
+    assert got == ['{"channel":"h:x","seq":2,"data":"x2"}', '{"channel":"h:y","seq":2,"data":"y2"}',
+                   '{"channel":"h:y","seq":3,"data":"y3"}', '{"channel":"h:x","seq":3,"data":"x3"}']
+    r.close()
+
+
 @pytest.mark.herald(routes=ROUTES, limits={"ping_interval": 0.3})
 def test_keepalive_comments(herald):
     s = Stream(herald.port, "/sse/k")

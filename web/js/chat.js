@@ -78,6 +78,7 @@ function enter(wanted) {
   if (conn) {
     conn.retarget(chatPath());
   } else {
+    // A WebSocket only, no Server-Sent Events fallback: the page sends (joins, messages).
     conn = connect(chatPath());
     showStatus(conn, $("#status"));
     conn.on("message", receive);

@@ -57,6 +57,9 @@ function show(stats) {
   }));
 }
 
+// A WebSocket to the Lua route, which sends the latest figures at once on open (the front page
+// reads the same channel through subscribe(), with its Server-Sent Events fallback); the load
+// button below publishes, which needs a WebSocket anyway.
 const conn = connect("/dashboard");
 showStatus(conn, $("#status"));
 conn.on("message", (msg) => {

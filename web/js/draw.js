@@ -226,6 +226,8 @@ function sendPending() {
 
 // --- the connection ----------------------------------------------------------------------------------
 
+// A WebSocket only, no Server-Sent Events fallback: the page sends strokes, and the script
+// answers each joiner with the room's picture.
 const conn = connect("/draw?room=" + encodeURIComponent(room));
 showStatus(conn, document.querySelector("#status"));
 let myId = null;

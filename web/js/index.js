@@ -1,7 +1,9 @@
-// The front page: the broker's figures and each demo's, live from the /dashboard route, and the
-// messages of channel "news" as they are published.
+// The front page: the broker's figures and each demo's, live from channel "dashboard" (where the
+// /dashboard route's script publishes them), and the messages of channel "news" as they are
+// published. The page only receives, so it reads both channels through one feed: over the generic
+// route /ws, or over Server-Sent Events where a WebSocket cannot get through (see herald.js).
 
-import { connect, showStatus, wsURL } from "./herald.js";
+import { showStatus, subscribe, wsURL } from "./herald.js";
 import { compact, duration, el } from "./ui.js";
 
 const figure = (scope, name) => scope.querySelector(`[data-fig="${name}"]`);
@@ -36,10 +38,7 @@ function routeFigures(stats) {
   };
 }
 
-const dashboard = connect("/dashboard");
-showStatus(dashboard, document.querySelector("#status"));
-dashboard.on("open", () => (previous = null));
-dashboard.on("message", (stats) => {
+function showFigures(stats) {
   if (!stats || stats.type !== "stats") return;
   set(document, "connections", compact(stats.connections));
   set(document, "channels", compact(stats.channels));
@@ -53,7 +52,26 @@ dashboard.on("message", (stats) => {
     }
   }
   previous = stats;
+}
+
+const list = document.querySelector("#news");
+
+function showNews(data) {
+  if (list.querySelector(".muted")) list.replaceChildren();
+  const text = typeof data === "string" ? data : JSON.stringify(data);
+  list.prepend(el("li", { class: "line in" },
+    el("span", { class: "dir" }, "←"),
+    el("span", { class: "text" }, text),
+    el("span", { class: "rtt" }, new Date().toLocaleTimeString())));
+  while (list.children.length > 5) list.lastElementChild.remove();
+}
+
+const feed = subscribe(["dashboard", "news"], ({ channel, data }) => {
+  if (channel === "dashboard") showFigures(data);
+  else showNews(data);
 });
+showStatus(feed, document.querySelector("#status"));
+feed.on("open", () => (previous = null));
 
 // The shell command, with this server's address, and the channel it publishes to.
 for (const code of document.querySelectorAll("#curl, #js")) {
@@ -61,14 +79,3 @@ for (const code of document.querySelectorAll("#curl, #js")) {
     .replace("ws://127.0.0.1:8080", wsURL("/").slice(0, -1));
 }
 
-const list = document.querySelector("#news");
-const news = connect("/sub/news", { json: false });
-news.on("message", (data) => {
-  if (list.querySelector(".muted")) list.replaceChildren();
-  const text = typeof data === "string" ? data : `(${data.byteLength} bytes of binary)`;
-  list.prepend(el("li", { class: "line in" },
-    el("span", { class: "dir" }, "←"),
-    el("span", { class: "text" }, text),
-    el("span", { class: "rtt" }, new Date().toLocaleTimeString())));
-  while (list.children.length > 5) list.lastElementChild.remove();
-});

@@ -81,6 +81,8 @@ function showCounts() {
 
 // --- the feed ---------------------------------------------------------------------------------------
 
+// A WebSocket only, no Server-Sent Events fallback: the rows are parsed by the script's deliver
+// hook for this route's clients, and an event stream gets the channel's raw lines instead.
 const conn = connect("/log");
 showStatus(conn, $("#status"));
 conn.on("message", (line) => {

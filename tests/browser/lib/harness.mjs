@@ -44,31 +44,50 @@ export function freePort() {
 
 const lua = (s) => JSON.stringify(s); // the paths used here need no escapes beyond JSON's
 
-/** One herald process on the demo routes, with its files in a temporary directory. */
+// The demo configuration's routes (herald.lua), with the scripts of this checkout. deflate: the
+// routes that negotiate permessage-deflate there.
+const DEMO_ROUTES = [
+  { path: "/ws", kind: "pubsub", deflate: true },
+  { path: "/sub/", kind: "raw", publish: true },
+  { path: "/echo", kind: "echo" },
+  { path: "/sse/", kind: "sse" },
+  { path: "/echo-lua", script: "echo.lua" },
+  { path: "/chat", script: "chat.lua", deflate: true },
+  { path: "/draw", script: "draw.lua", deflate: true },
+  { path: "/log", script: "logstream.lua", deflate: true },
+  { path: "/dashboard", script: "dashboard.lua", deflate: true },
+  { path: "/countdown", script: "countdown.lua" },
+];
+
+/**
+ * One herald process on the demo routes, with its files in a temporary directory. Options:
+ * deflate (a list of route paths that negotiate permessage-deflate, instead of the demo's),
+ * history (Lua text for the history setting), limits (Lua text of more limits).
+ */
 export class Herald {
-  constructor(name) {
+  constructor(name, { deflate, history, limits = "" } = {}) {
     this.dir = mkdtempSync(path.join(os.tmpdir(), `herald-browser-${name}-`));
     this.tailPath = path.join(this.dir, "tail.log");
     writeFileSync(this.tailPath, "");
-    const script = (file) => lua(path.join(REPO, "scripts", file));
+    const routes = DEMO_ROUTES.map((r) => {
+      const fields = [`path = ${lua(r.path)}`];
+      if (r.kind) fields.push(`kind = ${lua(r.kind)}`);
+      if (r.script) fields.push(`script = ${lua(path.join(REPO, "scripts", r.script))}`);
+      if (r.publish) fields.push("publish = true");
+      if (deflate ? deflate.includes(r.path) : r.deflate) fields.push("deflate = true");
+      return `  { ${fields.join(", ")} },\n`;
+    }).join("");
+    history ??= `{ { prefix = "chat:", length = 100, age = 3600 }, { prefix = "news", length = 100, age = 3600 } }`;
     this.configPath = path.join(this.dir, "herald.lua");
     writeFileSync(this.configPath, `-- written by tests/browser/lib/harness.mjs
 listen = { host = "127.0.0.1", port = 8080 }
 web_root = ${lua(path.join(REPO, "web"))}
 access_log = "access.log"
 tail = { { path = "tail.log", channel = "log:access" } }
-limits = { max_message = 1048576, send_queue = 4194304, close_timeout = 2 }
+limits = { max_message = 1048576, send_queue = 4194304, close_timeout = 2${limits ? ", " + limits : ""} }
 routes = {
-  { path = "/ws", kind = "pubsub" },
-  { path = "/sub/", kind = "raw", publish = true },
-  { path = "/echo", kind = "echo" },
-  { path = "/echo-lua", script = ${script("echo.lua")} },
-  { path = "/chat", script = ${script("chat.lua")} },
-  { path = "/draw", script = ${script("draw.lua")} },
-  { path = "/log", script = ${script("logstream.lua")} },
-  { path = "/dashboard", script = ${script("dashboard.lua")} },
-  { path = "/countdown", script = ${script("countdown.lua")} },
-}
+${routes}}
+history = ${history}
 `);
     this.proc = null;
     this.port = 0;
@@ -222,11 +241,11 @@ export async function waitConnected(page, timeout = 10000) {
 }
 
 /**
- * Run fn(context) with a browser and a herald started for it, and clean both up. fn receives
- * { herald, context }. Uncaught page errors fail the test.
+ * Run fn(context) with a browser and a herald started for it (options: as for Herald), and clean
+ * both up. fn receives { herald, context }. Uncaught page errors fail the test.
  */
-export async function withSetup(name, fn) {
-  const herald = await new Herald(name).start();
+export async function withSetup(name, fn, options) {
+  const herald = await new Herald(name, options).start();
   let context;
   try {
     context = await launchBrowser();
