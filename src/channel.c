@@ -21,18 +21,46 @@ struct member;
 
 #define NOT_LISTENING UINT32_MAX
 
+/* What few subscriptions need: kept apart, so that the many plain ones stay small (every idle
+ * subscriber holds one struct sub). */
+struct sub_ext {
+    struct sub *dual_prev, *dual_next; /* on the channel's dual list (its connection has patterns) */
+    struct member *member; /* its presence membership; NULL when not a member */
+    uint32_t listener;     /* position in the presence's listeners, or NOT_LISTENING */
+    uint8_t dual;
+};
+
 struct sub {
     struct conn *conn;
     struct group *group;
     struct sub *conn_next; /* the connection's next subscription */
-    struct sub *dual_prev, *dual_next; /* on the channel's dual list (its connection has patterns) */
-    struct member *member; /* its presence membership; NULL when not a member */
+    struct sub_ext *ext;   /* NULL unless dual, a presence member or a listener */
     uint32_t idx;          /* position in group->subs */
     uint32_t skip_msgs;    /* messages of the unsettled batch published before it subscribed */
-    uint32_t listener;     /* position in the presence's listeners, or NOT_LISTENING */
-    uint8_t dual;
     size_t skip;           /* batch offset where its messages start */
 };
+
+static struct sub_ext *sub_ext(struct sub *s)
+{
+    if (!s->ext) {
+        s->ext = xcalloc(1, sizeof(*s->ext));
+        s->ext->listener = NOT_LISTENING;
+    }
+    return s->ext;
+}
+
+/* Free s's extension once it holds nothing. */
+static void sub_ext_trim(struct sub *s)
+{
+    struct sub_ext *x = s->ext;
+    if (x && !x->dual && !x->member && x->listener == NOT_LISTENING) {
+        free(x);
+        s->ext = NULL;
+    }
+}
+
+static struct member *sub_member(const struct sub *s) { return s->ext ? s->ext->member : NULL; }
+static int sub_listening(const struct sub *s) { return s->ext && s->ext->listener != NOT_LISTENING; }
 
 /* The subscribers of one channel on one route: they all receive the same frames. Subscribers that
  * negotiated permessage-deflate are grouped apart, by the window size they negotiated: their
@@ -629,7 +657,6 @@ int chan_subscribe(struct conn *c, const char *name, size_t len)
     s->conn = c;
     s->group = g;
     s->idx = g->nsubs;
-    s->listener = NOT_LISTENING;
     /* Messages already batched this pass were published before this subscription. */
     s->skip = g->dirty && g->batch ? g->batch->len : 0;
     s->skip_msgs = g->dirty ? g->pending_msgs : 0;
@@ -652,9 +679,10 @@ static void sub_remove(struct sub *s)
 {
     struct group *g = s->group;
     struct chan *ch = g->chan;
-    if (s->member || s->listener != NOT_LISTENING)
+    if (sub_member(s) || sub_listening(s))
         pres_drop(ch, s);
     dual_unlink(s);
+    free(s->ext); /* nothing is left in it, but be sure */
     if (g->dirty && g->batch) {
         /* It was subscribed when these were published: it still gets them, before whatever is
          * queued to it next. */
@@ -1020,7 +1048,7 @@ static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch
 {
     uint64_t stamp = deliver_stamp;
     size_t n = 0;
-    for (struct sub *s = ch->dual; s; s = s->dual_next)
+    for (struct sub *s = ch->dual; s; s = s->ext->dual_next)
         s->conn->pattern_stamp = stamp;
     for (uint32_t i = 0; i < pm->n; i++) {
         for (struct pgroup *g = pm->p[i]->groups; g; g = g->next) {
@@ -1045,27 +1073,30 @@ static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch
 static void dual_link(struct sub *s)
 {
     struct chan *ch = s->group->chan;
-    s->dual = 1;
-    s->dual_prev = NULL;
-    s->dual_next = ch->dual;
+    struct sub_ext *x = sub_ext(s);
+    x->dual = 1;
+    x->dual_prev = NULL;
+    x->dual_next = ch->dual;
     if (ch->dual)
-        ch->dual->dual_prev = s;
+        ch->dual->ext->dual_prev = s;
     ch->dual = s;
 }
 
 static void dual_unlink(struct sub *s)
 {
-    if (!s->dual)
+    struct sub_ext *x = s->ext;
+    if (!x || !x->dual)
         return;
     struct chan *ch = s->group->chan;
-    if (s->dual_prev)
-        s->dual_prev->dual_next = s->dual_next;
+    if (x->dual_prev)
+        x->dual_prev->ext->dual_next = x->dual_next;
     else
-        ch->dual = s->dual_next;
-    if (s->dual_next)
-        s->dual_next->dual_prev = s->dual_prev;
-    s->dual = 0;
-    s->dual_prev = s->dual_next = NULL;
+        ch->dual = x->dual_next;
+    if (x->dual_next)
+        x->dual_next->ext->dual_prev = x->dual_prev;
+    x->dual = 0;
+    x->dual_prev = x->dual_next = NULL;
+    sub_ext_trim(s);
 }
 
 static struct psub *find_psub(struct conn *c, const char *text, size_t len, struct psub ***link)
@@ -1311,13 +1342,15 @@ static void pres_listen(struct chan *ch, struct sub *s, int on)
             p->cap = p->cap ? p->cap * 2 : 4;
             p->listeners = xrealloc(p->listeners, p->cap * sizeof(*p->listeners));
         }
-        s->listener = p->nlisteners;
+        sub_ext(s)->listener = p->nlisteners;
         p->listeners[p->nlisteners++] = s;
         prstats.listeners++;
     } else {
-        p->listeners[s->listener] = p->listeners[--p->nlisteners];
-        p->listeners[s->listener]->listener = s->listener;
-        s->listener = NOT_LISTENING;
+        uint32_t at = s->ext->listener;
+        p->listeners[at] = p->listeners[--p->nlisteners];
+        p->listeners[at]->ext->listener = at;
+        s->ext->listener = NOT_LISTENING;
+        sub_ext_trim(s);
         prstats.listeners--;
     }
     pres_interest(ch, before);
@@ -1341,7 +1374,7 @@ static void pres_join(struct chan *ch, struct sub *s, const char *info, size_t i
         p->head = mb;
     p->tail = mb;
     p->nmembers++;
-    s->member = mb;
+    sub_ext(s)->member = mb;
     prstats.members++;
     prstats.joins++;
     pres_interest(ch, before);
@@ -1355,7 +1388,7 @@ static void pres_join(struct chan *ch, struct sub *s, const char *info, size_t i
 static void pres_leave(struct chan *ch, struct sub *s)
 {
     struct presence *p = ch->pres;
-    struct member *mb = s->member;
+    struct member *mb = s->ext->member;
     if (mb->prev)
         mb->prev->next = mb->next;
     else
@@ -1365,7 +1398,8 @@ static void pres_leave(struct chan *ch, struct sub *s)
     else
         p->tail = mb->prev;
     p->nmembers--;
-    s->member = NULL;
+    s->ext->member = NULL;
+    sub_ext_trim(s);
     prstats.members--;
     prstats.leaves++;
     char id[MEMBER_ID_MAX];
@@ -1380,9 +1414,9 @@ static void pres_leave(struct chan *ch, struct sub *s)
 /* s is going: it stops listening (so it is not told of its own leave), then leaves. */
 static void pres_drop(struct chan *ch, struct sub *s)
 {
-    if (s->listener != NOT_LISTENING)
+    if (sub_listening(s))
         pres_listen(ch, s, 0);
-    if (s->member)
+    if (sub_member(s))
         pres_leave(ch, s);
 }
 
@@ -1393,11 +1427,11 @@ int chan_presence_set(struct conn *c, const char *name, size_t len, int member, 
     struct sub *s = ch ? find_sub(c, ch) : NULL;
     if (!s)
         return -1;
-    if (events >= 0 && events != (s->listener != NOT_LISTENING))
+    if (events >= 0 && events != sub_listening(s))
         pres_listen(ch, s, events);
-    if (member == 1 && !s->member)
+    if (member == 1 && !sub_member(s))
         pres_join(ch, s, info, info_len);
-    else if (member == 0 && s->member)
+    else if (member == 0 && sub_member(s))
         pres_leave(ch, s);
     return 0;
 }

@@ -131,14 +131,12 @@ struct conn *conn_new(int fd, const struct sockaddr *addr, socklen_t addr_len)
     c->id = next_id++;
     c->script_ref = -2; /* LUA_NOREF */
     if (addr->sa_family == AF_INET6 && addr_len >= sizeof(struct sockaddr_in6)) {
-        memcpy(&c->addr, addr, sizeof(struct sockaddr_in6));
+        c->addr = ((const struct sockaddr_in6 *)addr)->sin6_addr;
     } else if (addr->sa_family == AF_INET) {
         const struct sockaddr_in *in4 = (const struct sockaddr_in *)addr;
-        c->addr.sin6_family = AF_INET6;
-        c->addr.sin6_port = in4->sin_port;
-        c->addr.sin6_addr.s6_addr[10] = 0xff;
-        c->addr.sin6_addr.s6_addr[11] = 0xff;
-        memcpy(&c->addr.sin6_addr.s6_addr[12], &in4->sin_addr, 4);
+        c->addr.s6_addr[10] = 0xff;
+        c->addr.s6_addr[11] = 0xff;
+        memcpy(&c->addr.s6_addr[12], &in4->sin_addr, 4);
     }
     ev_io_init(&c->io, io_cb, fd, EV_READ);
     c->io.data = c;
@@ -155,10 +153,10 @@ struct conn *conn_new(int fd, const struct sockaddr *addr, socklen_t addr_len)
 const char *conn_addr_str(const struct conn *c)
 {
     static char text[INET6_ADDRSTRLEN];
-    if (IN6_IS_ADDR_V4MAPPED(&c->addr.sin6_addr))
-        inet_ntop(AF_INET, &c->addr.sin6_addr.s6_addr[12], text, sizeof(text));
+    if (IN6_IS_ADDR_V4MAPPED(&c->addr))
+        inet_ntop(AF_INET, &c->addr.s6_addr[12], text, sizeof(text));
     else
-        inet_ntop(AF_INET6, &c->addr.sin6_addr, text, sizeof(text));
+        inet_ntop(AF_INET6, &c->addr, text, sizeof(text));
     return text;
 }
 

@@ -50,6 +50,7 @@ struct conn {
     struct conn *flush_next;        /* on the list of connections with queued output */
     ev_tstamp last_active;
     uint64_t id;
+    /* Fields are ordered so the struct has no holes: every idle connection holds one. */
     uint8_t state;        /* enum conn_state */
     uint8_t to_class;     /* enum conn_timeout_class */
     uint8_t on_flush_list;
@@ -58,31 +59,31 @@ struct conn {
     uint8_t close_received;
     uint8_t read_shut;    /* stop reading: slow consumer, shutdown */
     uint8_t is_ws;        /* counted in stats.websockets */
-    uint8_t tls_read_wants_write;
-    uint8_t ip_counted;
-    uint8_t read_paused;  /* pipelined requests wait until the answers so far are written */   /* holds a slot in the per-address connection count */ /* a TLS read is waiting for the socket to be writable */
+    uint8_t tls_read_wants_write; /* a TLS read is waiting for the socket to be writable */
+    uint8_t ip_counted;   /* holds a slot in the per-address connection count */
+    uint8_t read_paused;  /* pipelined requests wait until the answers so far are written */
+    struct pmd_params pmd; /* permessage-deflate as negotiated in the handshake; zero when off */
     uint16_t close_code;  /* code to log/report when the connection ends */
     struct route *route;  /* WebSocket route; holds a reference */
     struct ws_parser wp;
-    struct pmd_params pmd; /* permessage-deflate as negotiated in the handshake; zero when off */
+    int script_ref;       /* the Lua client object, LUA_NOREF when none */
     struct pmd_inflater *inflater; /* owned; made at the client's first compressed message, else NULL */
     struct buf *pending;  /* unconsumed input carried to the next read; NULL when none */
     struct buf *message;  /* a WebSocket message being assembled; NULL when none */
     struct http_req_state *req; /* an HTTP request whose body is being read; NULL when none */
     struct conn_qitem *q; /* send queue: a ring of q_cap entries; NULL while empty */
     uint32_t q_head, q_len, q_cap;
+    uint32_t nsubs;
     size_t q_bytes;       /* bytes queued, the figure the send_queue limit applies to */
     struct sub *subs;     /* this connection's subscriptions (linked through the sub) */
-    uint32_t nsubs;
-    uint32_t npsubs;      /* pattern subscriptions; max_subscriptions counts them with nsubs */
     struct psub *psubs;   /* its pattern subscriptions (linked through the psub) */
     uint64_t pattern_stamp; /* channel.c: the last message it was given through a pattern */
+    uint32_t npsubs;      /* pattern subscriptions; max_subscriptions counts them with nsubs */
     uint32_t rate_window; /* the second (ev_now) that rate_count counts messages in */
     uint32_t rate_count;
-    int script_ref;       /* the Lua client object, LUA_NOREF when none */
+    struct in6_addr addr; /* peer, IPv4 addresses mapped */
     struct auth_grants *grants; /* from a signed token; NULL when none was given */
     struct ssl_st *tls;   /* the TLS session on the TLS port; NULL for plain connections */
-    struct sockaddr_in6 addr; /* peer, IPv4 addresses mapped */
 };
 
 struct conn_limits {

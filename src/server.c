@@ -1101,8 +1101,8 @@ static struct ip_count **ip_table;
 
 static void ip_key(const struct conn *c, uint8_t key[16])
 {
-    memcpy(key, &c->addr.sin6_addr, 16);
-    if (!IN6_IS_ADDR_V4MAPPED(&c->addr.sin6_addr))
+    memcpy(key, &c->addr, 16);
+    if (!IN6_IS_ADDR_V4MAPPED(&c->addr))
         memset(key + 8, 0, 8);
 }
 

@@ -153,7 +153,7 @@ void ws_parser_init(struct ws_parser *p, enum ws_role role, uint64_t max_message
 {
     memset(p, 0, sizeof(*p));
     p->role = (uint8_t)role;
-    p->max_message = max_message;
+    p->max_message = (uint32_t)(max_message < WS_MAX_MESSAGE_LIMIT ? max_message : WS_MAX_MESSAGE_LIMIT);
     p->utf8_state = WS_UTF8_ACCEPT;
 }
 
@@ -261,10 +261,10 @@ static int ws_payload(struct ws_parser *p, uint8_t *buf, size_t len, size_t off,
  * fixed codes of up to 9 bits per byte), so a message of max_message bytes always gets through. */
 static uint64_t ws_wire_limit(const struct ws_parser *p, int compressed)
 {
-    uint64_t limit = p->max_message + (p->max_message >> 3) + 64;
+    /* At most 2^30 + 2^27 + 64: a frame's length within it fits frame_left. */
     if (!compressed)
         return p->max_message;
-    return limit < p->max_message ? UINT64_MAX : limit;
+    return (uint64_t)p->max_message + (p->max_message >> 3) + 64;
 }
 
 int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, struct ws_event *ev)
@@ -363,7 +363,7 @@ int ws_parse(struct ws_parser *p, uint8_t *buf, size_t len, size_t *consumed, st
         if (masked)
             memcpy(p->mask, h + hlen - 4, 4);
         p->mask_pos = 0;
-        p->frame_left = plen;
+        p->frame_left = (uint32_t)plen; /* below ws_wire_limit, so it fits */
         p->frame_fin = (uint8_t)fin;
         p->in_frame = 1;
         if (op != WS_OP_CONT) {

@@ -68,10 +68,14 @@ int ws_utf8_feed(uint32_t *state, const uint8_t *p, size_t len);
 int ws_utf8_valid(const uint8_t *p, size_t len);
 
 /* Parser state. Embedded in each connection, so it is kept small. */
+/* The largest max_message a parser takes (larger values are lowered to it): so that every count
+ * of a message's bytes, with a compressed message's allowance, fits in 32 bits. */
+#define WS_MAX_MESSAGE_LIMIT (UINT32_C(1) << 30)
+
 struct ws_parser {
-    uint64_t frame_left;   /* payload bytes of the current data frame still to come */
-    uint64_t message_len;  /* bytes of the current message handed out so far */
-    uint64_t max_message;  /* a message longer than this fails with 1009 (a compressed one's
+    uint32_t frame_left;   /* payload bytes of the current data frame still to come */
+    uint32_t message_len;  /* bytes of the current message handed out so far */
+    uint32_t max_message;  /* a message longer than this fails with 1009 (a compressed one's
                             * payload may be up to an eighth more: its inflated size is checked
                             * by the inflater) */
     uint32_t utf8_state;
@@ -86,6 +90,7 @@ struct ws_parser {
     uint8_t compressed;    /* the message in progress is compressed */
 };
 
+/* max_message: at most WS_MAX_MESSAGE_LIMIT (a larger value is lowered to it). */
 void ws_parser_init(struct ws_parser *p, enum ws_role role, uint64_t max_message);
 
 /* Parse from buf[0..len). Returns 1 and fills *ev when an event is ready, 0 when more input is

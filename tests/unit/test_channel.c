@@ -523,6 +523,7 @@ static void test_pattern_batch_full(struct route *raw)
     char want_a_x[1 << 15] = "", want_a_y[1 << 15] = "", want_b[1 << 16] = "";
     for (int i = 0; i < 40; i++) {
         memset(payload, 'a' + i % 26, 300);
+        payload[300] = 0;
         snprintf(payload, sizeof(payload), "%02d", i);
         payload[2] = '-';
         const char *ch = i % 2 ? "f.y" : "f.x";
