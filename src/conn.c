@@ -318,7 +318,7 @@ void conn_close_now(struct conn *c)
 static void set_write_interest(struct conn *c, int want)
 {
     want |= c->tls_read_wants_write;
-    int events = (c->read_paused ? 0 : EV_READ) | (want ? EV_WRITE : 0);
+    int events = (c->read_paused || c->awaiting ? 0 : EV_READ) | (want ? EV_WRITE : 0);
     if (c->read_shut && c->state != CONN_LINGER && c->state != CONN_CLOSING)
         events &= ~EV_READ;
     if (c->io.events == events)
@@ -332,6 +332,16 @@ void conn_pause_reading(struct conn *c)
 {
     c->read_paused = 1;
     set_write_interest(c, 1);
+}
+
+void conn_set_awaiting(struct conn *c, int on)
+{
+    c->awaiting = (uint8_t)(on != 0);
+    if (c->state == CONN_DEAD)
+        return;
+    set_write_interest(c, c->q_len > 0);
+    if (!on && c->pending) /* input that arrived with the request waits to be served */
+        ev_feed_event(loop, &c->io, EV_READ);
 }
 
 void conn_wait_writable(struct conn *c)

@@ -21,6 +21,7 @@
 struct route;
 struct sub;
 struct psub;
+struct chan_pub;
 struct http_req_state;
 struct ssl_st;
 struct auth_grants;
@@ -76,6 +77,11 @@ struct conn {
     uint32_t nsubs;
     uint32_t npsubs;      /* pattern subscriptions; max_subscriptions counts them with nsubs */
     struct psub *psubs;   /* its pattern subscriptions (linked through the psub) */
+    struct chan_pub *pubs; /* channel.c: its publishes waiting for a seq from Redis */
+    void *outbox;         /* route.c: replies waiting for earlier ones, requests for their turn */
+    void *waiting;        /* server.c: a request answered once Redis has (an HTTP publish, a
+                             WebSocket handshake) */
+    uint8_t awaiting;     /* an answer waits for Redis: read nothing, ping nothing meanwhile */
     uint64_t pattern_stamp; /* channel.c: the last message it was given through a pattern */
     uint32_t rate_window; /* the second (ev_now) that rate_count counts messages in */
     uint32_t rate_count;
@@ -129,6 +135,8 @@ void conn_close_now(struct conn *c);
 void conn_schedule_flush(struct conn *c);
 /* Stop reading until the send queue is empty (then the read callback is called again). */
 void conn_pause_reading(struct conn *c);
+/* Stop reading (on) while an answer waits for Redis, or go on (off), serving what is pending. */
+void conn_set_awaiting(struct conn *c, int on);
 /* A TLS read needs the socket writable before it can go on. */
 void conn_wait_writable(struct conn *c);
 
