@@ -21,7 +21,9 @@
  *     "\xff" "herald:1:" <node id, 16 hex digits> ":" <'j' JSON value | 'r' raw bytes> ":" <payload>
  * 0xFF never starts UTF-8 text or JSON, and the whole 10-byte magic never starts a real binary
  * payload, so a backend's plain PUBLISH is taken as the raw payload it is. A node drops envelopes
- * carrying its own id: it fanned those messages out locally when they were published.
+ * carrying its own id: it fanned those messages out locally when they were published. Two more
+ * kinds belong to history kept in Redis: 'h' (a numbered message, fanned out by every node, its
+ * publisher's too) and 's' (a join's mark), described in that section.
  *
  * Pattern subscribers (mirror mode): each herald pattern with local subscribers is PSUBSCRIBEd as
  * the Redis glob with ">" written "*" (pattern_glob); the glob matches more than the pattern ("*"
@@ -33,7 +35,7 @@
  * copies through (confirmations and messages share one ordered stream). So the channels Redis
  * confirmed are kept in a set, and the confirmed globs in a trie matched the way Redis matches.
  *
- * Presence (mirror mode): see the section below. */
+ * Presence, and history kept in Redis (mirror mode): see their sections below. */
 #include "source.h"
 
 #include "buf.h"
