@@ -532,3 +532,54 @@ def test_scripts_flushed_midway(herald_factory, redis_server):
         assert history_stats(a)["noscript"] >= 1
 
     run(main(), timeout=60)
+
+
+def test_resuming_client_counts_every_message(herald_factory, redis_server):
+    # While messages are published all along through both nodes, a client keeps dropping its
+    # connection (reset, no close handshake) and resuming on the other node: in the end it has
+    # seen every seq exactly once, in order, with the right data.
+    a = node(herald_factory, redis_server)
+    b = node(herald_factory, redis_server)
+    total = 1500
+
+    async def publisher():
+        async with ws_connect(a) as pa, ws_connect(b) as pb:
+            for i in range(0, total, 10):
+                ws = (pa, pb)[(i // 10) % 2]
+                await publish_ws(ws, "h:count", list(range(i, i + 10)))
+                if i % 200 == 0:
+                    r = await http_async((a, b)[(i // 200) % 2], "GET", "/stats")
+                    assert r.status == 200
+
+    async def client():
+        seen = []
+        epoch = None
+        hop = 0
+        while len(seen) < total:
+            h = (a, b)[hop % 2]
+            ws = await ws_connect(h).__aenter__()
+            if epoch is None:
+                r = await subscribe(ws, "h:count")
+                epoch = r["epoch"]
+                assert r["seq"] == 0
+            else:
+                r = await subscribe(ws, "h:count", since=len(seen), epoch=epoch)
+                assert r["op"] == "subscribed" and r["recovered"] is True, r
+            for _ in range(min(37 + hop * 13 % 101, total - len(seen))):
+                m = await recv_json(ws, 10)
+                assert m["seq"] == len(seen) + 1, (m, hop)
+                seen.append(m["data"])
+            ws.transport.abort()  # gone without a word
+            hop += 1
+        return seen, hop
+
+    async def main():
+        seen, hops = (await asyncio.gather(client(), publisher()))[0]
+        assert seen == list(range(total))
+        assert hops >= 10
+
+    run(main(), timeout=120)
+    s = Stream(b.port, "/sse/h:count")  # an event stream gets the next one, with the same epoch
+    assert a.publish("h:count", b"end").status == 200
+    assert s.next_event()["id"].endswith(":h:count:%d" % (total + 1))
+    s.close()
