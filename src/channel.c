@@ -28,16 +28,18 @@ struct sub_ext {
     struct member *member; /* its presence membership; NULL when not a member */
     uint32_t listener;     /* position in the presence's listeners, or NOT_LISTENING */
     uint8_t dual;
+    struct chan_join *join; /* while joining */
 };
 
 struct sub {
     struct conn *conn;
     struct group *group;
     struct sub *conn_next; /* the connection's next subscription */
-    struct sub_ext *ext;   /* NULL unless dual, a presence member or a listener */
+    struct sub_ext *ext;   /* NULL unless dual, a presence member, a listener or joining */
     uint32_t idx;          /* position in group->subs */
     uint32_t skip_msgs;    /* messages of the unsettled batch published before it subscribed */
     size_t skip;           /* batch offset where its messages start */
+    uint8_t joining;       /* waiting for its join point: given no live message */
 };
 
 static struct sub_ext *sub_ext(struct sub *s)
@@ -53,7 +55,7 @@ static struct sub_ext *sub_ext(struct sub *s)
 static void sub_ext_trim(struct sub *s)
 {
     struct sub_ext *x = s->ext;
-    if (x && !x->dual && !x->member && x->listener == NOT_LISTENING) {
+    if (x && !x->dual && !x->member && x->listener == NOT_LISTENING && !x->join) {
         free(x);
         s->ext = NULL;
     }
@@ -96,6 +98,59 @@ struct history {
     double age;
 };
 
+/* A live message (or a join's mark) that waits while its channel holds. */
+struct held {
+    struct held *next;
+    struct chan_fetch *mark; /* a join's mark, or NULL: a message */
+    uint64_t seq;
+    uint8_t is_json;
+    char epoch[CHAN_EPOCH_MAX + 1];
+    size_t len;
+    char data[];
+};
+
+/* A channel numbered by the observer (Redis): its history is kept there. seq is the last message
+ * delivered here; while known, every message of epoch up to seq was, so a seq that skips ahead is
+ * a gap to fill. */
+struct rstate {
+    size_t length;          /* its history rule */
+    double age;
+    char epoch[CHAN_EPOCH_MAX + 1];
+    uint8_t known;
+    uint8_t filling;        /* a RANGE fetch is filling a gap */
+    uint64_t tried;         /* gaps up to this seq were fetched already: not again */
+    uint32_t holds;         /* reasons to hold live messages: a fill, marks come before answers */
+    uint32_t refs;          /* fetches and joins under way: the channel stays */
+    uint32_t draining;      /* rs_drain is running (maybe nested): the mode stays */
+    struct held *head, *tail;
+    size_t nheld;
+};
+
+/* A subscription waiting for its answer and its join point. */
+struct replay_entry {
+    struct replay_entry *next;
+    uint64_t seq;
+    uint8_t is_json;
+    size_t len;
+    char data[];
+};
+
+struct chan_join {
+    struct sub *sub;
+    struct chan_fetch *f;    /* the fetch under way, or NULL */
+    chan_join_fn done;       /* NULL: nobody waits for an answer */
+    void *arg;
+    int64_t since;
+    char epoch[CHAN_EPOCH_MAX + 1]; /* asked; then the channel's as answered */
+    uint64_t last;           /* the answer's seq */
+    uint8_t wait;            /* wait for the observer rather than fail */
+    uint8_t answered;        /* the answer came (and was handed to done) */
+    uint8_t emitted;         /* chan_join_emit was called: replay as answers come */
+    uint8_t marked;          /* its mark was reached in the live stream */
+    uint8_t holding;         /* the channel holds for it (the mark came first) */
+    struct replay_entry *replay, **replay_tail;
+};
+
 /* The patterns a channel matched when the trie was last changed (generation gen), in the order
  * they were created, so a connection with several of them is served through the same one while
  * the set stays the same. */
@@ -107,7 +162,8 @@ struct pmatch {
 
 struct chan {
     struct chan *hnext;
-    struct history *hist;               /* NULL unless a history rule covers the name */
+    struct history *hist;               /* NULL unless a history rule covers the name (kept here) */
+    struct rstate *rs;                  /* a history rule covers it, kept by the observer */
     struct chan *idle_prev, *idle_next; /* on the idle list while it has no subscriber */
     struct group *groups;
     struct sub *dual;                   /* subscribers whose connections also have patterns */
@@ -209,6 +265,9 @@ static struct {
 static struct preq *preqs;
 static size_t npreqs;
 static char node_id[17];
+static struct chan_rstats rstats;
+
+static void rs_settle_mode(struct chan *ch);
 
 void chan_set_observer(const struct chan_observer *o)
 {
@@ -216,6 +275,9 @@ void chan_set_observer(const struct chan_observer *o)
         observer = *o;
     else
         memset(&observer, 0, sizeof(observer));
+    for (size_t i = 0; i < table_size; i++)
+        for (struct chan *ch = table[i]; ch; ch = ch->hnext)
+            rs_settle_mode(ch);
 }
 
 void chan_foreach_subscribed(void (*fn)(const char *name, size_t len, void *arg), void *arg)
@@ -229,7 +291,7 @@ void chan_foreach_subscribed(void (*fn)(const char *name, size_t len, void *arg)
 static size_t max_subs_per_conn = 1000;
 static struct config_history *hist_rules;
 static size_t hist_nrules;
-static char epoch[17];
+static char proc_epoch[17];
 
 void chan_set_history(const struct config_history *rules, size_t n)
 {
@@ -246,31 +308,48 @@ void chan_set_history(const struct config_history *rules, size_t n)
 
 const char *chan_epoch(void)
 {
-    if (!epoch[0]) {
+    if (!proc_epoch[0]) {
         /* A new epoch per process: seqs restart with it, so a resume across a restart is told. */
         uint8_t r[8];
         if (RAND_bytes(r, sizeof(r)) != 1)
             memset(r, 0, sizeof(r));
         for (int i = 0; i < 8; i++)
-            snprintf(epoch + 2 * i, 3, "%02x", r[i]);
+            snprintf(proc_epoch + 2 * i, 3, "%02x", r[i]);
     }
-    return epoch;
+    return proc_epoch;
 }
 
-static struct history *history_for(const char *name, size_t len)
+/* The history rule covering a channel name (the first that matches), or NULL. */
+static const struct config_history *rule_for(const char *name, size_t len)
 {
     for (size_t i = 0; i < hist_nrules; i++) {
         size_t plen = strlen(hist_rules[i].prefix);
-        if (len >= plen && memcmp(name, hist_rules[i].prefix, plen) == 0) {
-            struct history *h = xcalloc(1, sizeof(*h));
-            h->cap = (uint32_t)hist_rules[i].length;
-            h->age = hist_rules[i].age;
-            h->ring = xcalloc(h->cap, sizeof(*h->ring));
-            return h;
-        }
+        if (len >= plen && memcmp(name, hist_rules[i].prefix, plen) == 0)
+            return &hist_rules[i];
     }
     return NULL;
 }
+
+static struct history *hist_new(size_t length, double age)
+{
+    struct history *h = xcalloc(1, sizeof(*h));
+    h->cap = (uint32_t)length;
+    h->age = age;
+    h->ring = xcalloc(h->cap, sizeof(*h->ring));
+    return h;
+}
+
+static struct rstate *rs_new(size_t length, double age)
+{
+    struct rstate *rs = xcalloc(1, sizeof(*rs));
+    rs->length = length;
+    rs->age = age;
+    rstats.channels++;
+    return rs;
+}
+
+/* Is the observer numbering channels with history? */
+static int numbering(void) { return observer.number != NULL; }
 
 static struct hist_entry *hist_at(struct history *h, uint32_t i) { return &h->ring[(h->head + i) % h->cap]; }
 
@@ -313,6 +392,20 @@ static void hist_free(struct history *h)
 
 static void stats_json(struct buf *b, void *arg);
 static void stats_prom(struct buf *b, void *arg);
+
+static void rs_free(struct rstate *rs)
+{
+    if (!rs)
+        return;
+    while (rs->head) {
+        struct held *h = rs->head;
+        rs->head = h->next;
+        free(h);
+    }
+    rstats.held -= rs->nheld;
+    rstats.channels--;
+    free(rs);
+}
 
 void chan_init(double ttl, size_t max_subscriptions)
 {
@@ -411,7 +504,11 @@ static struct chan *chan_lookup(const char *name, size_t len, int create)
     ch->hnext = table[b];
     table[b] = ch;
     chan_total++;
-    ch->hist = history_for(name, len);
+    const struct config_history *rule = rule_for(name, len);
+    if (rule && numbering())
+        ch->rs = rs_new(rule->length, rule->age);
+    else if (rule)
+        ch->hist = hist_new(rule->length, rule->age);
     idle_append(ch, ev_time());
     return ch;
 }
@@ -425,6 +522,7 @@ static void chan_free(struct chan *ch)
     idle_unlink(ch);
     chan_total--;
     hist_free(ch->hist);
+    rs_free(ch->rs);
     free(ch->pm);
     free(ch);
 }
@@ -479,12 +577,27 @@ static struct rframe *frame_set(struct route *r, uint8_t bits, const char *paylo
                                 int opcode);
 static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch *pm);
 
+static int hand_over(struct chan *ch, struct chan_msg *m, struct conn *c, chan_pub_fn done, void *arg,
+                     struct chan_pub **handle);
+
+/* Publish m: number it (unless m->numbered: its seq was given) and fan it out to the channel's
+ * subscribers, those of patterns matching it, and the observer. On a channel the observer numbers,
+ * an unnumbered message is handed over instead (0 returned). This is the hot path: the paths of
+ * numbered messages come through here too (fanout), so its body exists once. */
 uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
 {
     struct chan *ch = chan_lookup(m->channel, m->channel_len, 1);
-    m->seq = ++ch->seq;
+    if (!m->numbered) {
+        if (ch->rs && numbering()) { /* fanned out when it comes back numbered */
+            hand_over(ch, m, NULL, NULL, NULL, NULL);
+            if (subscribers)
+                *subscribers = 0;
+            return 0;
+        }
+        m->seq = ++ch->seq;
+    }
     stats.messages_in++;
-    if (ch->hist)
+    if (ch->hist && !m->numbered)
         hist_append(ch->hist, m, ev_time());
     if (!ch->nsubs) { /* a publish renews an idle channel */
         idle_unlink(ch);
@@ -543,11 +656,34 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
     }
     free(m->decoded);
     m->decoded = NULL;
-    if (!m->remote && observer.published)
+    if (!m->remote && !m->numbered && observer.published)
         observer.published(m, observer.arg);
     if (subscribers)
         *subscribers = ch->nsubs + by_pattern;
     return m->seq;
+}
+
+/* Fan out m, numbered by the observer (m->seq and m->epoch set). */
+static void fanout(struct chan_msg *m)
+{
+    m->numbered = 1;
+    chan_publish(m, NULL);
+}
+
+int chan_publish_cb(struct chan_msg *m, struct conn *c, chan_pub_fn done, void *arg,
+                    struct chan_pub **handle)
+{
+    if (numbering() && !m->numbered) {
+        struct chan *ch = chan_lookup(m->channel, m->channel_len, 0);
+        if (!ch && rule_for(m->channel, m->channel_len))
+            ch = chan_lookup(m->channel, m->channel_len, 1);
+        if (ch && ch->rs)
+            return hand_over(ch, m, c, done, arg, handle);
+    }
+    size_t n;
+    uint64_t seq = chan_publish(m, &n);
+    done(arg, seq, n, NULL);
+    return 1;
 }
 
 /* Give each subscriber of g its reference to the batch published since the last settle. */
@@ -558,7 +694,7 @@ static void group_settle(struct group *g)
     for (uint32_t i = 0; i < g->nsubs; i++) {
         struct sub *s = g->subs[i];
         size_t start = s->skip > g->settled ? s->skip : g->settled;
-        if (start < end) {
+        if (start < end && !s->joining) {
             conn_queue_block(s->conn, b, start, end - start);
             stats.messages_out += g->pending_msgs - s->skip_msgs;
         }
@@ -620,15 +756,19 @@ static void dual_link(struct sub *s);
 static void dual_unlink(struct sub *s);
 static void pres_drop(struct chan *ch, struct sub *s);
 
-int chan_subscribe(struct conn *c, const char *name, size_t len)
+/* Add c's subscription to ch. Returns it, or NULL with *rc 0 (it was subscribed) or -1 (at
+ * max_subscriptions); *rc is 1 when added. */
+static struct sub *sub_add(struct conn *c, struct chan *ch, int *rc)
 {
-    struct chan *ch = chan_lookup(name, len, 1);
+    *rc = 0;
     if (find_sub(c, ch))
-        return 0;
+        return NULL;
+    *rc = -1;
     if (c->nsubs + c->npsubs >= max_subs_per_conn) {
         stats.subscription_limit_hits++;
-        return -1;
+        return NULL;
     }
+    *rc = 1;
     /* What its patterns owe it of this channel goes before what the subscription brings. */
     conn_flush_patterns(c);
     struct group *g = ch->groups;
@@ -672,8 +812,70 @@ int chan_subscribe(struct conn *c, const char *name, size_t len)
             observer.first_subscriber(ch->name, ch->name_len, observer.arg);
     }
     sub_total++;
-    return 1;
+    return s;
 }
+
+static int join_start(struct chan *ch, struct sub *s, int64_t since, const char *ep, size_t ep_len,
+                      chan_join_fn done, void *arg, int wait);
+static void sub_drop(struct sub *s);
+
+int chan_subscribe(struct conn *c, const char *name, size_t len)
+{
+    struct chan *ch = chan_lookup(name, len, 1);
+    int rc;
+    struct sub *s = sub_add(c, ch, &rc);
+    if (s && ch->rs && observer.fetch && !ch->rs->known)
+        join_start(ch, s, -1, NULL, 0, NULL, NULL, 1); /* waits for the observer: cannot fail */
+    return rc;
+}
+
+int chan_subscribe_from(struct conn *c, const char *name, size_t len, int64_t since, const char *ep,
+                        size_t ep_len, int wait, chan_join_fn done, void *arg,
+                        struct chan_join_result *now)
+{
+    struct chan *ch = chan_lookup(name, len, 1);
+    memset(now, 0, sizeof(*now));
+    now->recovered = -1;
+    int rc;
+    struct sub *s = sub_add(c, ch, &rc);
+    if (ch->rs && observer.fetch) {
+        if (!s) { /* already subscribed (or at the limit): what is known here */
+            now->epoch = ch->rs->epoch[0] ? ch->rs->epoch : NULL;
+            now->seq = ch->seq;
+            now->recovered = since >= 0 && now->epoch ? 0 : -1;
+            return rc;
+        }
+        struct rstate *rs = ch->rs;
+        if (rs->known && (since < 0 || ((uint64_t)since == ch->seq && ep && ep_len == strlen(rs->epoch) &&
+                                        memcmp(ep, rs->epoch, ep_len) == 0))) {
+            /* The node hears the channel and knows where it is: the subscription starts here,
+             * with no question to the observer (a gap behind it is filled for everyone). */
+            now->epoch = rs->epoch;
+            now->seq = ch->seq;
+            now->recovered = since >= 0 ? 1 : -1;
+            return CHAN_JOINED;
+        }
+        if (join_start(ch, s, since, ep, ep_len, done, arg, wait || !done) < 0) {
+            sub_drop(s);
+            now->err = "its history is kept in Redis, which cannot be reached now";
+            return CHAN_UNAVAILABLE;
+        }
+        return CHAN_JOINING;
+    }
+    if (rc < 0)
+        return rc;
+    now->seq = ch->seq;
+    if (ch->hist || ch->rs) {
+        uint64_t last;
+        now->epoch = chan_epoch();
+        if (since >= 0)
+            now->recovered = ch->hist ? chan_recover(name, len, (uint64_t)since, ep, ep_len, &last) : 0;
+    }
+    return rc ? CHAN_JOINED : CHAN_ALREADY;
+}
+
+static void join_cancel(struct chan_join *j);
+static void rs_drain(struct chan *ch);
 
 static void sub_remove(struct sub *s)
 {
@@ -682,8 +884,11 @@ static void sub_remove(struct sub *s)
     if (sub_member(s) || sub_listening(s))
         pres_drop(ch, s);
     dual_unlink(s);
+    int joining = s->joining;
+    if (s->ext && s->ext->join)
+        join_cancel(s->ext->join);
     free(s->ext); /* nothing is left in it, but be sure */
-    if (g->dirty && g->batch) {
+    if (g->dirty && g->batch && !joining) {
         /* It was subscribed when these were published: it still gets them, before whatever is
          * queued to it next. */
         size_t start = s->skip > g->settled ? s->skip : g->settled;
@@ -698,11 +903,25 @@ static void sub_remove(struct sub *s)
     sub_total--;
     if (--ch->nsubs == 0) {
         idle_append(ch, ev_time());
+        if (ch->rs)
+            ch->rs->known = 0; /* no longer heard for sure: the next join sets where it is */
         if (observer.last_unsubscribed)
             observer.last_unsubscribed(ch->name, ch->name_len, observer.arg);
     }
     group_release(g);
     free(s);
+    if (ch->rs && !ch->rs->holds && ch->rs->head)
+        rs_drain(ch); /* it held for this subscription */
+}
+
+/* Unlink s from its connection's list and remove it. */
+static void sub_drop(struct sub *s)
+{
+    struct sub **pp = &s->conn->subs;
+    while (*pp != s)
+        pp = &(*pp)->conn_next;
+    *pp = s->conn_next;
+    sub_remove(s);
 }
 
 int chan_unsubscribe(struct conn *c, const char *name, size_t len)
@@ -736,6 +955,8 @@ void chan_unsubscribe_all(struct conn *c)
     }
     if (npreqs)
         preq_cancel(c);
+    while (CONN_WAIT(c, pubs))
+        chan_pub_cancel(c->waits->pubs);
     while (c->subs) {
         struct sub *s = c->subs;
         c->subs = s->conn_next;
@@ -747,8 +968,17 @@ void chan_unsubscribe_all(struct conn *c)
 
 void chan_sweep(ev_tstamp now)
 {
-    while (idle_head && idle_head->idle_since + idle_ttl <= now && !idle_head->groups) {
+    /* Bounded: with a channel_ttl of 0 a channel put back at the tail would be looked at again. */
+    for (size_t budget = chan_total; budget && idle_head && idle_head->idle_since + idle_ttl <= now &&
+                                     !idle_head->groups;
+         budget--) {
         struct chan *ch = idle_head;
+        if (ch->rs && (ch->rs->refs || ch->rs->holds || ch->rs->head)) {
+            /* Fetches or held messages still name it: look again later. */
+            idle_unlink(ch);
+            idle_append(ch, now);
+            continue;
+        }
         if (ch->hist) {
             hist_expire(ch->hist, now);
             if (ch->hist->count) {
@@ -805,6 +1035,674 @@ void chan_replay(struct conn *c, const char *name, size_t len, uint64_t since)
         }
         free(m.decoded);
     }
+}
+
+/* --- history numbered by the observer ---------------------------------------------------------- */
+
+struct chan_pub {
+    struct chan_pub *prev, *next; /* on its connection's list */
+    struct conn *conn;
+    chan_pub_fn done;             /* NULL once cancelled */
+    void *arg;
+    size_t name_len;
+    char name[];
+};
+
+void chan_rstats_get(struct chan_rstats *out) { *out = rstats; }
+
+int chan_numbered_elsewhere(const char *name, size_t len)
+{
+    if (!numbering())
+        return 0;
+    struct chan *ch = chan_lookup(name, len, 0);
+    return ch ? ch->rs != NULL : rule_for(name, len) != NULL;
+}
+
+void chan_pub_rebind(struct chan_pub *p, chan_pub_fn done, void *arg)
+{
+    p->done = done;
+    p->arg = arg;
+}
+
+/* The local connections a message of ch reaches now: its subscribers, and once each the
+ * subscribers of patterns matching it who are not also subscribers of ch. */
+static size_t receivers(struct chan *ch)
+{
+    size_t n = ch->nsubs;
+    if (!psub_total || !chan_patterns(ch)->n)
+        return n;
+    uint64_t stamp = ++deliver_stamp;
+    for (struct sub *s = ch->dual; s; s = s->ext->dual_next)
+        s->conn->pattern_stamp = stamp;
+    struct pmatch *pm = ch->pm;
+    for (uint32_t i = 0; i < pm->n; i++)
+        for (struct pgroup *g = pm->p[i]->groups; g; g = g->next)
+            for (uint32_t k = 0; k < g->nsubs; k++)
+                if (g->subs[k]->conn->pattern_stamp != stamp) {
+                    g->subs[k]->conn->pattern_stamp = stamp;
+                    n++;
+                }
+    return n;
+}
+
+/* Give m to the observer to number. Returns as chan_publish_cb. */
+static int hand_over(struct chan *ch, struct chan_msg *m, struct conn *c, chan_pub_fn done, void *arg,
+                     struct chan_pub **handle)
+{
+    const char *err = NULL;
+    if (m->remote) {
+        /* Published to Redis without a number (a backend's plain PUBLISH, a node without this
+         * history rule): every node hears it, so numbering it here would publish it once per
+         * node. */
+        rstats.unnumbered_dropped++;
+        if (done)
+            done(arg, 0, 0, "published without a number on a channel whose history Redis keeps");
+        return 1;
+    }
+    struct chan_pub *p = xcalloc(1, sizeof(*p) + m->channel_len + 1);
+    p->done = done;
+    p->arg = arg;
+    p->name_len = m->channel_len;
+    memcpy(p->name, m->channel, m->channel_len);
+    if (observer.number(p, m, ch->rs->length, ch->rs->age, &err, observer.arg) < 0) {
+        free(p);
+        rstats.publish_errors++;
+        if (done)
+            done(arg, 0, 0, err ? err : "it cannot be numbered now");
+        return 1;
+    }
+    rstats.publishes++;
+    if (c) {
+        p->conn = c;
+        struct conn_waits *cw = conn_waits(c);
+        p->next = cw->pubs;
+        if (cw->pubs)
+            cw->pubs->prev = p;
+        cw->pubs = p;
+    }
+    if (handle)
+        *handle = p;
+    return 0;
+}
+
+static void pub_unlink(struct chan_pub *p)
+{
+    if (!p->conn)
+        return;
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        p->conn->waits->pubs = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    p->prev = p->next = NULL;
+    p->conn = NULL;
+}
+
+void chan_pub_cancel(struct chan_pub *p)
+{
+    pub_unlink(p);
+    p->done = NULL;
+}
+
+void chan_pub_numbered(struct chan_pub *p, uint64_t seq, const char *epoch, const char *err)
+{
+    pub_unlink(p);
+    size_t subscribers = 0;
+    struct chan *ch = chan_lookup(p->name, p->name_len, 0);
+    if (err) {
+        rstats.publish_errors++;
+    } else if (ch) {
+        /* Where nothing here hears it for sure, the channel's last seq is the last one known. */
+        if (ch->rs && !ch->rs->known && epoch && strlen(epoch) <= CHAN_EPOCH_MAX &&
+            (strcmp(ch->rs->epoch, epoch) != 0 || seq > ch->seq)) {
+            snprintf(ch->rs->epoch, sizeof(ch->rs->epoch), "%s", epoch);
+            ch->seq = seq;
+        }
+        subscribers = receivers(ch);
+    }
+    if (p->done)
+        p->done(p->arg, seq, subscribers, err);
+    free(p);
+}
+
+/* The channel converts between being numbered here and by the observer once nothing of it is
+ * pending. */
+static void rs_settle_mode(struct chan *ch)
+{
+    if (numbering() && ch->hist) {
+        size_t length = ch->hist->cap;
+        double age = ch->hist->age;
+        hist_free(ch->hist);
+        ch->hist = NULL;
+        ch->rs = rs_new(length, age);
+    } else if (!numbering() && ch->rs && !ch->rs->refs && !ch->rs->holds && !ch->rs->head &&
+               !ch->rs->draining) {
+        size_t length = ch->rs->length;
+        double age = ch->rs->age;
+        rs_free(ch->rs);
+        ch->rs = NULL;
+        ch->hist = hist_new(length, age);
+    }
+}
+
+static struct chan_fetch *fetch_new(struct chan *ch, enum chan_fetch_kind kind, int64_t since,
+                                    const char *epoch, int wait)
+{
+    struct chan_fetch *f = xcalloc(1, sizeof(*f));
+    f->kind = kind;
+    f->since = since;
+    snprintf(f->epoch, sizeof(f->epoch), "%s", epoch ? epoch : "");
+    f->length = ch->rs->length;
+    f->age = ch->rs->age;
+    f->wait = (uint8_t)wait;
+    f->name_len = ch->name_len;
+    memcpy(f->name, ch->name, ch->name_len);
+    ch->rs->refs++;
+    return f;
+}
+
+/* f is done with: the channel may go, or change mode. */
+static void fetch_free(struct chan_fetch *f)
+{
+    struct chan *ch = chan_lookup(f->name, f->name_len, 0);
+    if (f->join)
+        f->join->f = NULL;
+    free(f);
+    if (ch && ch->rs) {
+        ch->rs->refs--;
+        rs_settle_mode(ch);
+    }
+}
+
+static void hold(struct rstate *rs, struct chan_fetch *mark, const char *epoch, uint64_t seq,
+                 const char *data, size_t len, int is_json)
+{
+    struct held *h = xmalloc(sizeof(*h) + len);
+    h->next = NULL;
+    h->mark = mark;
+    h->seq = seq;
+    h->is_json = (uint8_t)is_json;
+    snprintf(h->epoch, sizeof(h->epoch), "%s", epoch ? epoch : "");
+    h->len = len;
+    if (len)
+        memcpy(h->data, data, len);
+    if (rs->tail)
+        rs->tail->next = h;
+    else
+        rs->head = h;
+    rs->tail = h;
+    rs->nheld++;
+    rstats.held++;
+}
+
+static void rs_set_epoch(struct chan *ch, const char *epoch)
+{
+    struct rstate *rs = ch->rs;
+    if (strcmp(rs->epoch, epoch) == 0)
+        return;
+    if (rs->known && rs->epoch[0])
+        rstats.epoch_changes++;
+    snprintf(rs->epoch, sizeof(rs->epoch), "%s", epoch);
+    ch->seq = 0;
+    rs->tried = 0;
+}
+
+/* Ask for the messages after ch->seq up to until, holding the channel meanwhile. Returns 1 if it
+ * is under way, 0 if not (the gap stays). */
+static int gap_fill(struct chan *ch, uint64_t until)
+{
+    struct rstate *rs = ch->rs;
+    if (rs->filling)
+        return 1;
+    if (!observer.fetch || until <= rs->tried)
+        return 0;
+    rs->tried = until;
+    uint64_t since = ch->seq;
+    if (until - since > rs->length) /* the history holds no more than that */
+        since = until - rs->length;
+    struct chan_fetch *f = fetch_new(ch, CHAN_FETCH_RANGE, (int64_t)since, rs->epoch, 0);
+    f->until = until;
+    if (observer.fetch(f, observer.arg) < 0) {
+        fetch_free(f);
+        return 0;
+    }
+    rstats.fetches++;
+    rs->filling = 1;
+    rs->holds++;
+    return 1;
+}
+
+/* Deliver a numbered message in order, unless it was seen or one before it is missing (then it is
+ * held: returns 0, with a fill under way). */
+static int rs_take(struct chan *ch, struct chan_msg *m)
+{
+    struct rstate *rs = ch->rs;
+    const char *epoch = m->epoch ? m->epoch : "";
+    if (!rs->known) {
+        snprintf(rs->epoch, sizeof(rs->epoch), "%s", epoch);
+        ch->seq = m->seq;
+        fanout(m);
+        return 1;
+    }
+    rs_set_epoch(ch, epoch);
+    if (m->seq <= ch->seq) {
+        rstats.duplicates++;
+        return 1;
+    }
+    if (m->seq > ch->seq + 1) {
+        if (gap_fill(ch, m->seq - 1))
+            return 0;
+        rstats.missed += m->seq - ch->seq - 1;
+    }
+    ch->seq = m->seq;
+    m->epoch = rs->epoch;
+    fanout(m);
+    return 1;
+}
+
+static void join_marked(struct chan *ch, struct chan_join *j);
+
+/* A join's mark, in stream order: where the channel is as of the join's fetch. Returns 0 when it
+ * must wait for a gap before it to be filled. */
+static int mark_take(struct chan *ch, struct chan_fetch *f, const char *epoch, uint64_t seq)
+{
+    struct rstate *rs = ch->rs;
+    if (!rs->known) {
+        rs->known = 1; /* heard for sure from here on */
+        snprintf(rs->epoch, sizeof(rs->epoch), "%s", epoch);
+        ch->seq = seq;
+        rs->tried = 0;
+    } else {
+        rs_set_epoch(ch, epoch);
+        if (seq > ch->seq) {
+            if (gap_fill(ch, seq))
+                return 0;
+            rstats.missed += seq - ch->seq;
+            ch->seq = seq;
+        }
+    }
+    f->marked = 1;
+    struct chan_join *j = f->join;
+    if (f->replied)
+        fetch_free(f);
+    if (j)
+        join_marked(ch, j);
+    return 1;
+}
+
+/* Deliver what the channel held, in order, until it holds again. Each item is taken off the
+ * queue before it is delivered (and put back if it must wait), so a drain nested in a delivery
+ * (a join reaching its mark) goes on from the next one. */
+static void rs_drain(struct chan *ch)
+{
+    struct rstate *rs = ch->rs;
+    if (!rs)
+        return;
+    rs->draining++;
+    while (rs->head && !rs->holds) {
+        struct held *h = rs->head;
+        rs->head = h->next;
+        if (!rs->head)
+            rs->tail = NULL;
+        rs->nheld--;
+        rstats.held--;
+        int taken;
+        if (h->mark) {
+            taken = mark_take(ch, h->mark, h->epoch, h->seq);
+        } else {
+            struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len, .data = h->data,
+                                 .len = h->len, .is_json = h->is_json,
+                                 .utf8 = (int8_t)(h->is_json ? 1 : -1),
+                                 .json = (int8_t)(h->is_json ? 1 : -1), .remote = 1, .numbered = 1,
+                                 .epoch = h->epoch, .seq = h->seq};
+            taken = rs_take(ch, &m);
+        }
+        if (!taken) { /* back in front, to wait for the fill */
+            h->next = rs->head;
+            rs->head = h;
+            if (!rs->tail)
+                rs->tail = h;
+            rs->nheld++;
+            rstats.held++;
+            break;
+        }
+        free(h);
+    }
+    if (--rs->draining == 0)
+        rs_settle_mode(ch);
+}
+
+void chan_publish_numbered(struct chan_msg *m)
+{
+    struct chan *ch = chan_lookup(m->channel, m->channel_len, 1);
+    m->numbered = 1;
+    struct rstate *rs = ch->rs;
+    if (!rs) { /* no history rule here: the number is taken as it comes */
+        ch->seq = m->seq;
+        fanout(m);
+        return;
+    }
+    if (!rs->holds && !rs->head && rs_take(ch, m))
+        return;
+    hold(rs, NULL, m->epoch, m->seq, m->data, m->len, m->is_json);
+}
+
+/* --- joins: a subscription's answer and its point in the live stream --- */
+
+static int join_fetch(struct chan *ch, struct chan_join *j, int64_t since, int wait);
+
+static void join_free(struct chan *ch, struct chan_join *j)
+{
+    while (j->replay) {
+        struct replay_entry *e = j->replay;
+        j->replay = e->next;
+        free(e);
+    }
+    if (j->f)
+        j->f->join = NULL;
+    if (j->holding) {
+        j->holding = 0;
+        ch->rs->holds--;
+    }
+    rstats.joining--;
+    ch->rs->refs--;
+    free(j);
+}
+
+/* The subscription gets live messages from now on: those batched before were before its mark. */
+static void join_activate(struct chan *ch, struct chan_join *j)
+{
+    struct sub *s = j->sub;
+    struct group *g = s->group;
+    s->ext->join = NULL;
+    s->joining = 0;
+    sub_ext_trim(s);
+    s->skip = g->dirty && g->batch ? g->batch->len : 0;
+    s->skip_msgs = g->dirty ? g->pending_msgs : 0;
+    join_free(ch, j); /* the caller drains what the channel held for it */
+}
+
+static int join_start(struct chan *ch, struct sub *s, int64_t since, const char *ep, size_t ep_len,
+                      chan_join_fn done, void *arg, int wait)
+{
+    struct chan_join *j = xcalloc(1, sizeof(*j));
+    j->sub = s;
+    j->done = done;
+    j->arg = arg;
+    j->since = since;
+    j->wait = (uint8_t)wait;
+    if (ep && ep_len <= CHAN_EPOCH_MAX)
+        memcpy(j->epoch, ep, ep_len);
+    j->replay_tail = &j->replay;
+    sub_ext(s)->join = j;
+    s->joining = 1;
+    ch->rs->refs++;
+    rstats.joining++;
+    rstats.joins++;
+    if (join_fetch(ch, j, since, wait) < 0) {
+        s->ext->join = NULL;
+        s->joining = 0;
+        sub_ext_trim(s);
+        join_free(ch, j);
+        rstats.join_errors++;
+        return -1;
+    }
+    return 0;
+}
+
+/* Answer j as if the channel were numbered here (the observer went). */
+static void join_local(struct chan *ch, struct chan_join *j)
+{
+    snprintf(j->epoch, sizeof(j->epoch), "%s", chan_epoch());
+    j->last = ch->seq;
+    j->marked = 1;
+    if (j->answered || !j->done) {
+        j->answered = 1;
+        chan_join_emit(j);
+        return;
+    }
+    j->answered = 1;
+    struct chan_join_result res = {.epoch = j->epoch, .seq = j->last,
+                                   .recovered = j->since >= 0 ? 0 : -1};
+    j->done(j->sub->conn, j, &res, j->arg);
+}
+
+static int join_fetch(struct chan *ch, struct chan_join *j, int64_t since, int wait)
+{
+    if (!observer.fetch) {
+        join_local(ch, j);
+        return 0;
+    }
+    struct chan_fetch *f = fetch_new(ch, CHAN_FETCH_JOIN, since, j->epoch, wait);
+    f->join = j;
+    j->f = f;
+    if (observer.fetch(f, observer.arg) < 0) {
+        j->f = NULL;
+        f->join = NULL;
+        fetch_free(f);
+        return -1;
+    }
+    rstats.fetches++;
+    return 0;
+}
+
+/* Queue to j's connection the replay it has, encoded for its route. */
+static void join_replay(struct chan *ch, struct chan_join *j)
+{
+    struct conn *c = j->sub->conn;
+    while (j->replay) {
+        struct replay_entry *e = j->replay;
+        j->replay = e->next;
+        struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len, .data = e->data,
+                             .len = e->len, .is_json = e->is_json, .utf8 = (int8_t)(e->is_json ? 1 : -1),
+                             .json = (int8_t)(e->is_json ? 1 : -1), .numbered = 1, .epoch = j->epoch,
+                             .seq = e->seq};
+        const char *payload;
+        size_t plen;
+        int opcode;
+        if (route_payload(c->route, &m, &payload, &plen, &opcode) == 0) {
+            if (opcode == ROUTE_OP_UNFRAMED)
+                conn_queue_copy(c, payload, plen);
+            else
+                conn_send_frame(c, opcode, payload, plen);
+            stats.messages_out++;
+        }
+        free(m.decoded);
+        free(e);
+    }
+    j->replay_tail = &j->replay;
+}
+
+void chan_join_emit(struct chan_join *j)
+{
+    struct chan *ch = j->sub->group->chan;
+    j->emitted = 1;
+    join_replay(ch, j);
+    if (j->marked) {
+        join_activate(ch, j);
+        rs_drain(ch);
+    }
+}
+
+static void join_marked(struct chan *ch, struct chan_join *j)
+{
+    j->marked = 1;
+    if (j->emitted) {
+        join_activate(ch, j);
+    } else if (!j->holding) {
+        /* Its answer is not out yet: what comes after the mark waits for it. */
+        j->holding = 1;
+        ch->rs->holds++;
+    }
+}
+
+/* The subscription goes while joining: what it waited for is forgotten. */
+static void join_cancel(struct chan_join *j)
+{
+    struct chan *ch = j->sub->group->chan;
+    j->sub->ext->join = NULL;
+    j->sub->joining = 0;
+    sub_ext_trim(j->sub);
+    join_free(ch, j); /* the caller drains what the channel held for it */
+}
+
+void chan_fetch_reply(struct chan_fetch *f, const struct chan_fetch_result *r)
+{
+    struct chan *ch = chan_lookup(f->name, f->name_len, 0);
+    f->replied = 1;
+    if (f->kind == CHAN_FETCH_RANGE) {
+        struct rstate *rs = ch ? ch->rs : NULL;
+        if (rs && rs->filling) {
+            rs->filling = 0;
+            rs->holds--;
+            if (r && r->epoch && strcmp(r->epoch, rs->epoch) == 0) {
+                int filled = 0;
+                for (size_t i = 0; i < r->n; i++) {
+                    const struct chan_fetch_entry *e = &r->entries[i];
+                    if (e->seq <= ch->seq || e->seq > f->until)
+                        continue;
+                    if (e->seq > ch->seq + 1)
+                        rstats.missed += e->seq - ch->seq - 1;
+                    struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len,
+                                         .data = e->data, .len = e->len, .is_json = e->is_json,
+                                         .utf8 = (int8_t)(e->is_json ? 1 : -1),
+                                         .json = (int8_t)(e->is_json ? 1 : -1), .remote = 1,
+                                         .numbered = 1, .epoch = rs->epoch, .seq = e->seq};
+                    ch->seq = e->seq;
+                    fanout(&m);
+                    filled = 1;
+                }
+                rstats.gaps += filled;
+            }
+        }
+        fetch_free(f);
+        if (ch && ch->rs)
+            rs_drain(ch);
+        return;
+    }
+    struct chan_join *j = f->join;
+    if (!j) {
+        if (f->marked)
+            fetch_free(f);
+        return;
+    }
+    /* Keep the answer until it is emitted: the channel's epoch, its last seq, and the replay. */
+    snprintf(j->epoch, sizeof(j->epoch), "%s", r->epoch ? r->epoch : "");
+    j->last = r->last;
+    if (r->recovered == 1) {
+        for (size_t i = 0; i < r->n; i++) {
+            const struct chan_fetch_entry *e = &r->entries[i];
+            struct replay_entry *x = xmalloc(sizeof(*x) + e->len);
+            x->next = NULL;
+            x->seq = e->seq;
+            x->is_json = e->is_json;
+            x->len = e->len;
+            if (e->len)
+                memcpy(x->data, e->data, e->len);
+            *j->replay_tail = x;
+            j->replay_tail = &x->next;
+        }
+    } else if (j->answered && j->since >= 0 && r->last > (uint64_t)j->since) {
+        rstats.missed += r->last - (uint64_t)j->since; /* a continued join that could not be */
+    }
+    if (f->marked) {
+        fetch_free(f); /* j->f is cleared */
+        j->f = NULL;
+    }
+    if (j->answered) { /* a join continued after a failure: its reply is out already */
+        if (j->emitted)
+            chan_join_emit(j);
+        return;
+    }
+    j->answered = 1;
+    if (!j->done) {
+        chan_join_emit(j);
+        return;
+    }
+    struct chan_join_result res = {.epoch = j->epoch[0] ? j->epoch : NULL, .seq = j->last,
+                                   .recovered = r->recovered};
+    j->done(j->sub->conn, j, &res, j->arg);
+}
+
+void chan_fetch_marker(struct chan_fetch *f, const char *epoch, uint64_t seq)
+{
+    struct chan *ch = chan_lookup(f->name, f->name_len, 0);
+    if (!ch || !ch->rs) {
+        f->marked = 1;
+        if (f->join) {
+            struct chan_join *j = f->join;
+            if (f->replied)
+                fetch_free(f);
+            j->marked = 1;
+            if (j->emitted)
+                join_activate(ch, j);
+        } else if (f->replied) {
+            fetch_free(f);
+        }
+        return;
+    }
+    if (ch->rs->holds || ch->rs->head || !mark_take(ch, f, epoch, seq))
+        if (!f->marked && !(ch->rs->tail && ch->rs->tail->mark == f))
+            hold(ch->rs, f, epoch, seq, NULL, 0, 0);
+}
+
+void chan_fetch_failed(struct chan_fetch *f, const char *err)
+{
+    if (f->kind == CHAN_FETCH_RANGE) {
+        chan_fetch_reply(f, NULL);
+        return;
+    }
+    struct chan *ch = chan_lookup(f->name, f->name_len, 0);
+    struct chan_join *j = f->join;
+    if (j)
+        j->f = NULL;
+    f->join = NULL;
+    /* A mark still held in the channel's queue belongs to f: it goes with it. */
+    if (ch && ch->rs) {
+        for (struct held **pp = &ch->rs->head, *prev = NULL; *pp; prev = *pp, pp = &(*pp)->next)
+            if ((*pp)->mark == f) {
+                struct held *h = *pp;
+                *pp = h->next;
+                if (ch->rs->tail == h)
+                    ch->rs->tail = prev;
+                ch->rs->nheld--;
+                rstats.held--;
+                free(h);
+                break;
+            }
+    }
+    fetch_free(f);
+    if (!j || !ch)
+        return;
+    if (j->holding) { /* its mark came, its answer will not: the channel goes on without it */
+        j->holding = 0;
+        ch->rs->holds--;
+    }
+    j->marked = 0;
+    struct sub *s = j->sub;
+    if (j->answered) {
+        /* Its reply is out: carry on from what it was given, silently. */
+        j->since = (int64_t)j->last;
+        if (join_fetch(ch, j, j->since, 1) < 0)
+            join_activate(ch, j);
+    } else if (j->wait) {
+        if (join_fetch(ch, j, j->since, 1) < 0)
+            join_activate(ch, j);
+    } else {
+        /* Somebody waits for an answer: it is an error, and the subscription is gone. */
+        rstats.join_errors++;
+        struct chan_join_result res = {.recovered = -1,
+                                       .err = err ? err : "its history is kept in Redis, which cannot be reached now"};
+        chan_join_fn done = j->done;
+        void *arg = j->arg;
+        struct conn *c = s->conn;
+        sub_drop(s); /* cancels j */
+        done(c, NULL, &res, arg);
+        return;
+    }
+    if (ch->rs)
+        rs_drain(ch);
 }
 
 size_t chan_count(void) { return chan_total; }

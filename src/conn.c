@@ -125,6 +125,13 @@ void conn_set_timeout_class(struct conn *c, enum conn_timeout_class cls)
     to_append(c);
 }
 
+struct conn_waits *conn_waits(struct conn *c)
+{
+    if (!c->waits)
+        c->waits = xcalloc(1, sizeof(*c->waits));
+    return c->waits;
+}
+
 struct conn *conn_new(int fd, const struct sockaddr *addr, socklen_t addr_len)
 {
     struct conn *c = xcalloc(1, sizeof(*c));
@@ -316,7 +323,7 @@ void conn_close_now(struct conn *c)
 static void set_write_interest(struct conn *c, int want)
 {
     want |= c->tls_read_wants_write;
-    int events = (c->read_paused ? 0 : EV_READ) | (want ? EV_WRITE : 0);
+    int events = (c->read_paused || c->awaiting ? 0 : EV_READ) | (want ? EV_WRITE : 0);
     if (c->read_shut && c->state != CONN_LINGER && c->state != CONN_CLOSING)
         events &= ~EV_READ;
     if (c->io.events == events)
@@ -330,6 +337,16 @@ void conn_pause_reading(struct conn *c)
 {
     c->read_paused = 1;
     set_write_interest(c, 1);
+}
+
+void conn_set_awaiting(struct conn *c, int on)
+{
+    c->awaiting = (uint8_t)(on != 0);
+    if (c->state == CONN_DEAD)
+        return;
+    set_write_interest(c, c->q_len > 0);
+    if (!on && c->pending) /* input that arrived with the request waits to be served */
+        ev_feed_event(loop, &c->io, EV_READ);
 }
 
 void conn_wait_writable(struct conn *c)
@@ -447,6 +464,7 @@ static void free_conn(struct conn *c)
     auth_free(c->grants);
     if (c->tls)
         tls_free(c->tls);
+    free(c->waits);
     free(c);
 }
 

@@ -21,6 +21,7 @@
 struct route;
 struct sub;
 struct psub;
+struct chan_pub;
 struct http_req_state;
 struct ssl_st;
 struct auth_grants;
@@ -44,29 +45,43 @@ struct conn_qitem {
     uint32_t len; /* bytes still to write from off */
 };
 
+/* What a connection waits for from Redis, on channels whose history Redis keeps (mirror mode).
+ * Made at its first wait and freed with the connection, so that the many connections that never
+ * wait do not carry it. */
+struct conn_waits {
+    struct chan_pub *pubs; /* channel.c: its publishes waiting for a seq from Redis */
+    void *outbox;          /* route.c: replies waiting for earlier ones, requests for their turn */
+    void *waiting;         /* server.c: a request answered once Redis has (an HTTP publish, a
+                              WebSocket handshake) */
+};
+
 struct conn {
     ev_io io;
     struct conn *to_prev, *to_next; /* the timeout list of its class */
     struct conn *flush_next;        /* on the list of connections with queued output */
     ev_tstamp last_active;
     uint64_t id;
-    /* Fields are ordered so the struct has no holes: every idle connection holds one. */
+    /* Fields are ordered and flags are bits so the struct stays small: every idle connection
+     * holds one. */
     uint8_t state;        /* enum conn_state */
     uint8_t to_class;     /* enum conn_timeout_class */
-    uint8_t on_flush_list;
-    uint8_t awaiting_pong;
-    uint8_t close_sent;   /* a close frame is queued or written */
-    uint8_t close_received;
-    uint8_t read_shut;    /* stop reading: slow consumer, shutdown */
-    uint8_t is_ws;        /* counted in stats.websockets */
-    uint8_t tls_read_wants_write; /* a TLS read is waiting for the socket to be writable */
-    uint8_t ip_counted;   /* holds a slot in the per-address connection count */
-    uint8_t read_paused;  /* pipelined requests wait until the answers so far are written */
+    uint8_t is_ws;        /* counted in stats.websockets (1), or in stats.sse_streams (2) */
+    uint8_t on_flush_list : 1;
+    uint8_t awaiting_pong : 1;
+    uint8_t close_sent : 1;     /* a close frame is queued or written */
+    uint8_t close_received : 1;
+    uint8_t read_shut : 1;      /* stop reading: slow consumer, shutdown */
+    uint8_t ip_counted : 1;     /* holds a slot in the per-address connection count */
+    uint8_t read_paused : 1;    /* pipelined requests wait until the answers so far are written */
+    uint8_t tls_read_wants_write : 1; /* a TLS read is waiting for the socket to be writable */
+    uint8_t awaiting : 1; /* an answer waits for Redis: read nothing, ping nothing meanwhile */
     struct pmd_params pmd; /* permessage-deflate as negotiated in the handshake; zero when off */
     uint16_t close_code;  /* code to log/report when the connection ends */
+    int script_ref;       /* the Lua client object, LUA_NOREF when none */
     struct route *route;  /* WebSocket route; holds a reference */
     struct ws_parser wp;
-    int script_ref;       /* the Lua client object, LUA_NOREF when none */
+    struct in6_addr addr; /* peer, IPv4 addresses mapped */
+    uint32_t npsubs;      /* pattern subscriptions; max_subscriptions counts them with nsubs */
     struct pmd_inflater *inflater; /* owned; made at the client's first compressed message, else NULL */
     struct buf *pending;  /* unconsumed input carried to the next read; NULL when none */
     struct buf *message;  /* a WebSocket message being assembled; NULL when none */
@@ -77,11 +92,10 @@ struct conn {
     size_t q_bytes;       /* bytes queued, the figure the send_queue limit applies to */
     struct sub *subs;     /* this connection's subscriptions (linked through the sub) */
     struct psub *psubs;   /* its pattern subscriptions (linked through the psub) */
+    struct conn_waits *waits; /* NULL until it first waits for Redis */
     uint64_t pattern_stamp; /* channel.c: the last message it was given through a pattern */
-    uint32_t npsubs;      /* pattern subscriptions; max_subscriptions counts them with nsubs */
     uint32_t rate_window; /* the second (ev_now) that rate_count counts messages in */
     uint32_t rate_count;
-    struct in6_addr addr; /* peer, IPv4 addresses mapped */
     struct auth_grants *grants; /* from a signed token; NULL when none was given */
     struct ssl_st *tls;   /* the TLS session on the TLS port; NULL for plain connections */
 };
@@ -99,6 +113,11 @@ void conn_init(struct ev_loop *loop, void (*read_cb)(struct conn *c),
                void (*detach_cb)(struct conn *c, uint16_t code, const char *reason));
 void conn_set_limits(const struct conn_limits *limits);
 const struct conn_limits *conn_get_limits(void);
+
+/* c's waits, made on first use. */
+struct conn_waits *conn_waits(struct conn *c);
+/* A field of c's waits, NULL while it has none. */
+#define CONN_WAIT(c, field) ((c)->waits ? (c)->waits->field : NULL)
 
 /* Take ownership of an accepted, non-blocking socket. */
 struct conn *conn_new(int fd, const struct sockaddr *addr, socklen_t addr_len);
@@ -130,6 +149,8 @@ void conn_close_now(struct conn *c);
 void conn_schedule_flush(struct conn *c);
 /* Stop reading until the send queue is empty (then the read callback is called again). */
 void conn_pause_reading(struct conn *c);
+/* Stop reading (on) while an answer waits for Redis, or go on (off), serving what is pending. */
+void conn_set_awaiting(struct conn *c, int on);
 /* A TLS read needs the socket writable before it can go on. */
 void conn_wait_writable(struct conn *c);
 

@@ -21,7 +21,9 @@
  *     "\xff" "herald:1:" <node id, 16 hex digits> ":" <'j' JSON value | 'r' raw bytes> ":" <payload>
  * 0xFF never starts UTF-8 text or JSON, and the whole 10-byte magic never starts a real binary
  * payload, so a backend's plain PUBLISH is taken as the raw payload it is. A node drops envelopes
- * carrying its own id: it fanned those messages out locally when they were published.
+ * carrying its own id: it fanned those messages out locally when they were published. Two more
+ * kinds belong to history kept in Redis: 'h' (a numbered message, fanned out by every node, its
+ * publisher's too) and 's' (a join's mark), described in that section.
  *
  * Pattern subscribers (mirror mode): each herald pattern with local subscribers is PSUBSCRIBEd as
  * the Redis glob with ">" written "*" (pattern_glob); the glob matches more than the pattern ("*"
@@ -33,7 +35,7 @@
  * copies through (confirmations and messages share one ordered stream). So the channels Redis
  * confirmed are kept in a set, and the confirmed globs in a trie matched the way Redis matches.
  *
- * Presence (mirror mode): see the section below. */
+ * Presence, and history kept in Redis (mirror mode): see their sections below. */
 #include "source.h"
 
 #include "buf.h"
@@ -47,6 +49,8 @@
 #include <hiredis/adapters/libev.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
+#include <openssl/rand.h>
+#include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,6 +123,7 @@ static struct {
     int registered;
     /* mirror mode */
     struct smap confirmed;    /* channels Redis confirmed SUBSCRIBE for */
+    struct smap leaving;      /* channels with an UNSUBSCRIBE not confirmed yet (value: count) */
     struct pattern_trie *globs; /* globs of local patterns (data: struct glob) */
     struct glob *glob_list;
     size_t nglobs;
@@ -126,6 +131,16 @@ static struct {
     struct smap replicas;     /* channel -> struct replica: other nodes' presence members */
     ev_timer beat;            /* heartbeat and reaping, every presence_ttl / 3 */
     uint64_t presence_events, resyncs, fetches;
+    /* history kept in Redis (mirror mode) */
+    struct rcmd *cmd_head, *cmd_tail; /* script commands sent or held, in order */
+    uint32_t cmds_sent;       /* of those, sent and not answered */
+    uint8_t recovering;       /* Redis forgot a script: resend once everything sent is answered */
+    struct fwait *fwait_head, **fwait_tail; /* joins waiting for their channel to be heard */
+    size_t nfwait;
+    struct smap marks;        /* token -> struct mark: joins whose mark has not come */
+    uint64_t next_token;
+    uint64_t epoch_state;     /* draws candidate epochs */
+    uint64_t marks_seen, noscript, script_errors, in_flight_max;
 } R;
 
 static struct buf scratch;
@@ -136,6 +151,9 @@ static void pub_ready(void);
 static void mirror_sub_down(void);
 static int is_configured_pattern(const char *p, size_t len);
 static void subscribe_events(const char *name, size_t len, void *arg);
+static void marks_fail(void);
+static void fwait_fail(int all);
+static void cmds_fail_unsent(void);
 
 /* --- string tables ------------------------------------------------------------------------------ */
 
@@ -407,6 +425,11 @@ static void link_down(struct link *l, const char *why)
         if (R.cfg->npatterns)
             memset(R.pattern_ok, 0, R.cfg->npatterns);
         mirror_sub_down();
+        marks_fail();
+        fwait_fail(0);
+    } else {
+        cmds_fail_unsent();
+        fwait_fail(0);
     }
     if (was_ready && ev_now(R.loop) - l->up_since >= STABLE_AFTER)
         l->backoff = R.cfg->reconnect_min;
@@ -626,6 +649,11 @@ static void sub_command(const char *cmd, const char *name, size_t len)
 {
     if (!R.sub.ready)
         return; /* done when the subscriber becomes ready */
+    if (strcmp(cmd, "UNSUBSCRIBE") == 0) {
+        /* Until Redis confirms it, a SUBSCRIBE sent after it is not in force yet either. */
+        struct sentry *e = smap_put(&R.leaving, name, len);
+        e->vlen++;
+    }
     const char *argv[2] = {cmd, name};
     size_t lens[2] = {strlen(cmd), len};
     redisAsyncCommandArgv(R.sub.ac, on_sub_reply, NULL, 2, argv, lens);
@@ -644,6 +672,688 @@ static void on_last_unsubscribed(const char *name, size_t len, void *arg)
         sub_command("UNSUBSCRIBE", name, len);
 }
 
+/* --- mirror mode: history kept in Redis ---------------------------------------------------------
+ *
+ * A channel that a history rule covers is numbered by Redis, so that every node gives a message
+ * the same seq and any node can resume any client. Per channel, with the channel name as a hash
+ * tag so that a Redis Cluster keeps a channel's keys on one node:
+ *     herald:{<channel>}:seq      hash: e = the epoch, s = the last seq
+ *     herald:{<channel>}:history  stream: one entry per message, id "<seq>-0", fields k (j or r),
+ *                                 t (Redis's time, ms), d (the payload); trimmed to the rule's
+ *                                 length; both keys expire after the rule's age with no publish
+ * A publish is one script (EVALSHA): the next seq, the entry, and a PUBLISH of the message in an
+ * envelope of kind 'h' carrying the epoch and the seq. Every node, the publishing one too, fans
+ * the message out when it comes back from Redis; the script's answer gives the publisher its seq.
+ * The epoch is drawn by the node that creates the seq hash: a channel whose keys vanish (Redis lost
+ * its data, or nothing was published for `age` seconds) starts a new epoch, and resumes from the
+ * old one are refused rather than answered with the new numbering.
+ *
+ * A subscription joins at an exact point (see channel.h): once the node hears the channel (Redis
+ * confirmed the SUBSCRIBE, or a configured pattern covers it), a script answers where the channel
+ * is and what came after `since`, and PUBLISHes a mark (an envelope of kind 's' with a token) into
+ * the channel's live stream, which reaches this node in order with the messages. A gap in a
+ * channel's live seqs (Redis pub/sub is at-most-once: a lost connection) is filled from the
+ * stream with a third script.
+ *
+ * Scripts are loaded (SCRIPT LOAD) when the publisher connects and called by their SHA1. Redis may
+ * forget them (SCRIPT FLUSH, a failover): a command answered NOSCRIPT is sent again with EVAL, in
+ * order with the commands after it, which are held until everything sent before is answered. */
+
+/* KEYS: seq hash, stream. ARGV: channel, kind, payload, length, age (ms, 0: none), a new epoch
+ * (used if the channel has none), node id. Returns {seq, epoch}. */
+static const char LUA_HPUBLISH[] =
+    "local ep = redis.call('HGET', KEYS[1], 'e')\n"
+    "if not ep then\n"
+    "  ep = ARGV[6]\n"
+    "  redis.call('DEL', KEYS[2])\n"
+    "  redis.call('HSET', KEYS[1], 'e', ep, 's', 0)\n"
+    "end\n"
+    "redis.call('HINCRBY', KEYS[1], 's', 1)\n"
+    "local seq = redis.call('HGET', KEYS[1], 's')\n"
+    "local t = redis.call('TIME')\n"
+    "local ms = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))\n"
+    "redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-0', 'k', ARGV[2], 't', ms, 'd', ARGV[3])\n"
+    "if ARGV[5] ~= '0' then\n"
+    "  redis.call('PEXPIRE', KEYS[1], ARGV[5])\n"
+    "  redis.call('PEXPIRE', KEYS[2], ARGV[5])\n"
+    "end\n"
+    "redis.call('PUBLISH', ARGV[1], '\\255herald:1:' .. ARGV[7] .. ':h:' .. ARGV[2] .. ':' .. ep .. ':' ..\n"
+    "  seq .. ':' .. ARGV[3])\n"
+    "return {seq, ep}\n";
+
+/* KEYS: seq hash, stream. ARGV: channel, since (-1: no resume), its epoch, length, age (ms), a
+ * new epoch, node id, token, since + 1. Returns {epoch, last seq, recovered (1, 0, -1), then seq,
+ * kind, payload of each message after since when recovered}, and marks the live stream. */
+static const char LUA_HJOIN[] =
+    "local ep = redis.call('HGET', KEYS[1], 'e')\n"
+    "if not ep then\n"
+    "  ep = ARGV[6]\n"
+    "  redis.call('DEL', KEYS[2])\n"
+    "  redis.call('HSET', KEYS[1], 'e', ep, 's', 0)\n"
+    "  if ARGV[5] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end\n"
+    "end\n"
+    "local last = redis.call('HGET', KEYS[1], 's')\n"
+    "local out = {ep, last, -1}\n"
+    "local since, n = tonumber(ARGV[2]), tonumber(last)\n"
+    "if since >= 0 then\n"
+    "  out[3] = 0\n"
+    "  if ARGV[3] == ep and since <= n and n - since <= tonumber(ARGV[4]) then\n"
+    "    if since == n then\n"
+    "      out[3] = 1\n"
+    "    else\n"
+    "      local e = redis.call('XRANGE', KEYS[2], ARGV[9] .. '-0', '+')\n"
+    "      local ok = #e == n - since and e[1][1] == ARGV[9] .. '-0'\n"
+    "      local rows = {}\n"
+    "      for i = 1, #e do\n"
+    "        local f = {}\n"
+    "        for k = 1, #e[i][2], 2 do f[e[i][2][k]] = e[i][2][k + 1] end\n"
+    "        if i == 1 and ARGV[5] ~= '0' then\n"
+    "          local t = redis.call('TIME')\n"
+    "          local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "          if tonumber(f.t or '0') + tonumber(ARGV[5]) < now then ok = false end\n"
+    "        end\n"
+    "        rows[#rows + 1] = string.match(e[i][1], '^(%d+)')\n"
+    "        rows[#rows + 1] = f.k or 'r'\n"
+    "        rows[#rows + 1] = f.d or ''\n"
+    "      end\n"
+    "      if ok then\n"
+    "        out[3] = 1\n"
+    "        for i = 1, #rows do out[#out + 1] = rows[i] end\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "redis.call('PUBLISH', ARGV[1], '\\255herald:1:' .. ARGV[7] .. ':s:' .. ARGV[8] .. ':' .. ep .. ':' ..\n"
+    "  last)\n"
+    "return out\n";
+
+/* KEYS: seq hash, stream. ARGV: first seq, last seq. Returns {epoch, '', -1, then seq, kind,
+ * payload of each message held in that range}. */
+static const char LUA_HRANGE[] =
+    "local ep = redis.call('HGET', KEYS[1], 'e') or ''\n"
+    "local out = {ep, '', -1}\n"
+    "for _, x in ipairs(redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', ARGV[2] .. '-0')) do\n"
+    "  local f = {}\n"
+    "  for k = 1, #x[2], 2 do f[x[2][k]] = x[2][k + 1] end\n"
+    "  out[#out + 1] = string.match(x[1], '^(%d+)')\n"
+    "  out[#out + 1] = f.k or 'r'\n"
+    "  out[#out + 1] = f.d or ''\n"
+    "end\n"
+    "return out\n";
+
+enum { SCRIPT_PUBLISH, SCRIPT_JOIN, SCRIPT_RANGE, SCRIPT_COUNT };
+static const char *const script_text[SCRIPT_COUNT] = {LUA_HPUBLISH, LUA_HJOIN, LUA_HRANGE};
+static char script_sha[SCRIPT_COUNT][41];
+
+enum cmd_state {
+    CMD_SENT,  /* sent, not answered */
+    CMD_RETRY, /* answered NOSCRIPT: to send again with EVAL */
+    CMD_HELD,  /* not sent: a command before it waits to be sent again */
+};
+
+/* A script command to the publisher, with a copy of its arguments (from numkeys on), so that it
+ * can be sent again. */
+struct rcmd {
+    struct rcmd *next;
+    uint8_t script;
+    uint8_t state;
+    struct chan_pub *pub;     /* SCRIPT_PUBLISH */
+    struct chan_fetch *fetch; /* SCRIPT_JOIN, SCRIPT_RANGE; NULL once failed from elsewhere */
+    struct mark *mark;        /* SCRIPT_JOIN: its mark, while that has not come */
+    int argc;
+    size_t *lens;
+    char **argv;
+};
+
+/* A join waiting for its mark in the live stream. */
+struct mark {
+    struct chan_fetch *f;
+    struct rcmd *cmd;         /* its command, while not answered */
+    struct sentry *entry;     /* in R.marks */
+};
+
+/* A join waiting for the node to hear its channel (or for Redis). */
+struct fwait {
+    struct fwait *next;
+    struct chan_fetch *f;
+};
+
+static void hist_init_scripts(void)
+{
+    for (int i = 0; i < SCRIPT_COUNT; i++) {
+        unsigned char md[SHA_DIGEST_LENGTH];
+        SHA1((const unsigned char *)script_text[i], strlen(script_text[i]), md);
+        for (int k = 0; k < SHA_DIGEST_LENGTH; k++)
+            snprintf(script_sha[i] + 2 * k, 3, "%02x", md[k]);
+    }
+    uint8_t seed[8];
+    if (RAND_bytes(seed, sizeof(seed)) != 1)
+        memcpy(seed, R.node_id, sizeof(seed));
+    memcpy(&R.epoch_state, seed, sizeof(seed));
+}
+
+/* A new epoch, for a channel that has none yet: 16 hex digits (splitmix64 of a seeded counter). */
+static void new_epoch(char out[17])
+{
+    uint64_t z = (R.epoch_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    snprintf(out, 17, "%016llx", (unsigned long long)z);
+}
+
+/* An epoch as Redis holds it: 1 to 32 hex digits (anything else was not written by herald). */
+static int epoch_valid(const char *p, size_t len)
+{
+    if (!len || len > CHAN_EPOCH_MAX)
+        return 0;
+    for (size_t i = 0; i < len; i++)
+        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+/* Digits to a seq; -1 if they are not one. */
+static int parse_seq(const char *p, size_t len, uint64_t *out)
+{
+    if (!len || len > 19)
+        return -1;
+    uint64_t v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return -1;
+        v = v * 10 + (uint64_t)(p[i] - '0');
+    }
+    *out = v;
+    return 0;
+}
+
+static int reply_seq(const redisReply *r, uint64_t *out)
+{
+    if (r->type == REDIS_REPLY_INTEGER && r->integer >= 0) {
+        *out = (uint64_t)r->integer;
+        return 0;
+    }
+    return r->type == REDIS_REPLY_STRING ? parse_seq(r->str, r->len, out) : -1;
+}
+
+/* The publisher can take a command now (not down, not being torn down). */
+static int pub_usable(void)
+{
+    return R.cfg && R.pub.ready && R.pub.ac &&
+           !(R.pub.ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
+}
+
+/* Does this node hear the channel now: Redis confirmed its SUBSCRIBE, or a configured pattern's? */
+static int heard(const char *name, size_t len)
+{
+    if (!R.sub.ready)
+        return 0;
+    if (smap_find(&R.confirmed, name, len) && !smap_find(&R.leaving, name, len))
+        return 1;
+    for (size_t j = 0; j < R.cfg->npatterns; j++)
+        if (R.pattern_ok[j] && glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), name, len))
+            return 1;
+    return 0;
+}
+
+static size_t key_name(char *out, size_t cap, const char *name, size_t len, const char *what)
+{
+    return (size_t)snprintf(out, cap, "herald:{%.*s}:%s", (int)len, name, what);
+}
+
+static struct rcmd *cmd_new(int script, int argc, const char **argv, const size_t *lens)
+{
+    size_t total = 0;
+    for (int i = 0; i < argc; i++)
+        total += lens[i];
+    struct rcmd *c = xcalloc(1, sizeof(*c));
+    c->script = (uint8_t)script;
+    c->argc = argc;
+    c->lens = xmalloc(argc * sizeof(*c->lens));
+    c->argv = xmalloc(argc * sizeof(*c->argv) + total);
+    char *p = (char *)(c->argv + argc);
+    for (int i = 0; i < argc; i++) {
+        c->argv[i] = p;
+        c->lens[i] = lens[i];
+        memcpy(p, argv[i], lens[i]);
+        p += lens[i];
+    }
+    return c;
+}
+
+static void cmd_free(struct rcmd *c)
+{
+    free(c->lens);
+    free(c->argv);
+    free(c);
+}
+
+static void on_cmd_reply(redisAsyncContext *ac, void *r, void *priv);
+
+/* Send c (EVALSHA, or EVAL when Redis forgot the script). Returns 0, or -1 if the publisher would
+ * not take it. */
+static int cmd_send(struct rcmd *c, int eval)
+{
+    if (!pub_usable())
+        return -1;
+    const char *argv[16];
+    size_t lens[16];
+    argv[0] = eval ? "EVAL" : "EVALSHA";
+    lens[0] = strlen(argv[0]);
+    argv[1] = eval ? script_text[c->script] : script_sha[c->script];
+    lens[1] = strlen(argv[1]);
+    for (int i = 0; i < c->argc && i < 14; i++) {
+        argv[2 + i] = c->argv[i];
+        lens[2 + i] = c->lens[i];
+    }
+    if (redisAsyncCommandArgv(R.pub.ac, on_cmd_reply, c, 2 + c->argc, argv, lens) != REDIS_OK)
+        return -1;
+    c->state = CMD_SENT;
+    R.cmds_sent++;
+    if (R.cmds_sent > R.in_flight_max)
+        R.in_flight_max = R.cmds_sent;
+    return 0;
+}
+
+static void cmd_append(struct rcmd *c)
+{
+    c->next = NULL;
+    if (R.cmd_tail)
+        R.cmd_tail->next = c;
+    else
+        R.cmd_head = c;
+    R.cmd_tail = c;
+}
+
+static void cmd_unlink(struct rcmd *c)
+{
+    struct rcmd *prev = NULL;
+    for (struct rcmd *x = R.cmd_head; x; prev = x, x = x->next)
+        if (x == c) {
+            if (prev)
+                prev->next = c->next;
+            else
+                R.cmd_head = c->next;
+            if (R.cmd_tail == c)
+                R.cmd_tail = prev;
+            return;
+        }
+}
+
+/* Queue c behind the commands before it: sent now, or held while some wait to be sent again.
+ * Returns -1 (c not queued) if the publisher would not take it. */
+static int cmd_submit(struct rcmd *c)
+{
+    if (R.recovering) {
+        if (!pub_usable())
+            return -1;
+        c->state = CMD_HELD;
+        cmd_append(c);
+        return 0;
+    }
+    if (cmd_send(c, 0) < 0)
+        return -1;
+    cmd_append(c);
+    return 0;
+}
+
+static void fetch_send_failed(struct chan_fetch *f, const char *err);
+
+/* c failed (err says why): tell whoever waits for it, and free it. */
+static void cmd_fail(struct rcmd *c, const char *err)
+{
+    if (c->script == SCRIPT_PUBLISH) {
+        chan_pub_numbered(c->pub, 0, NULL, err);
+    } else if (c->fetch) {
+        if (c->mark) { /* its mark will not matter now */
+            struct mark *m = c->mark;
+            smap_del(&R.marks, m->entry);
+            free(m);
+        }
+        chan_fetch_failed(c->fetch, err);
+    }
+    cmd_free(c);
+}
+
+/* The answer to a join or range fetch: {epoch, last, recovered, seq, kind, payload, ...}. */
+static void fetch_answer(struct rcmd *c, const redisReply *r)
+{
+    struct chan_fetch *f = c->fetch;
+    uint64_t last = 0;
+    long long rec = -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 || (r->elements - 3) % 3 ||
+        r->element[0]->type != REDIS_REPLY_STRING ||
+        (r->element[0]->len && !epoch_valid(r->element[0]->str, r->element[0]->len)) ||
+        (f->kind == CHAN_FETCH_JOIN && (reply_seq(r->element[1], &last) < 0 ||
+                                        r->element[2]->type != REDIS_REPLY_INTEGER))) {
+        R.script_errors++;
+        cmd_fail(c, "Redis answered something unexpected");
+        return;
+    }
+    if (f->kind == CHAN_FETCH_JOIN)
+        rec = r->element[2]->integer;
+    size_t n = (r->elements - 3) / 3;
+    struct chan_fetch_entry *e = xcalloc(n + 1, sizeof(*e));
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *s = r->element[3 + 3 * i], *kind = r->element[4 + 3 * i],
+                         *d = r->element[5 + 3 * i];
+        if (reply_seq(s, &e[k].seq) < 0 || kind->type != REDIS_REPLY_STRING ||
+            d->type != REDIS_REPLY_STRING || d->len > R.max_message)
+            continue;
+        e[k].data = d->str;
+        e[k].len = d->len;
+        /* A "JSON value" that is not one is passed on as raw bytes, as in deliver(). */
+        e[k].is_json = kind->len == 1 && kind->str[0] == 'j' && json_valid(d->str, d->len);
+        k++;
+    }
+    char epoch[CHAN_EPOCH_MAX + 1];
+    snprintf(epoch, sizeof(epoch), "%.*s", (int)r->element[0]->len, r->element[0]->str);
+    struct chan_fetch_result res = {.epoch = epoch, .last = last, .recovered = (int)rec, .n = k,
+                                    .entries = e};
+    if (c->mark)
+        c->mark->cmd = NULL; /* the mark is still to come: f stays until then */
+    chan_fetch_reply(f, &res);
+    free(e);
+    cmd_free(c);
+}
+
+static void cmd_complete(struct rcmd *c, const redisReply *r)
+{
+    if (r->type == REDIS_REPLY_ERROR) {
+        char err[200];
+        snprintf(err, sizeof(err), "Redis refused: %.*s", (int)(r->len > 150 ? 150 : r->len), r->str);
+        R.script_errors++;
+        log_warn("redis: history script failed: %.*s", (int)(r->len > 150 ? 150 : r->len), r->str);
+        cmd_fail(c, err);
+        return;
+    }
+    if (c->script != SCRIPT_PUBLISH) {
+        if (!c->fetch)
+            cmd_free(c);
+        else
+            fetch_answer(c, r);
+        return;
+    }
+    uint64_t seq;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 || reply_seq(r->element[0], &seq) < 0 ||
+        r->element[1]->type != REDIS_REPLY_STRING ||
+        !epoch_valid(r->element[1]->str, r->element[1]->len)) {
+        R.script_errors++;
+        cmd_fail(c, "Redis answered something unexpected");
+        return;
+    }
+    char epoch[CHAN_EPOCH_MAX + 1];
+    snprintf(epoch, sizeof(epoch), "%.*s", (int)r->element[1]->len, r->element[1]->str);
+    chan_pub_numbered(c->pub, seq, epoch, NULL);
+    cmd_free(c);
+}
+
+static void on_cmd_reply(redisAsyncContext *ac, void *r, void *priv)
+{
+    redisReply *reply = r;
+    struct rcmd *c = priv;
+    R.cmds_sent--;
+    if (!reply) { /* the connection is going: the link's end fails what is held */
+        cmd_unlink(c);
+        cmd_fail(c, "the connection to Redis was lost before it answered (the message may have been "
+                    "published)");
+        return;
+    }
+    if (reply->type == REDIS_REPLY_ERROR && reply->len >= 8 && memcmp(reply->str, "NOSCRIPT", 8) == 0) {
+        R.noscript++;
+        c->state = CMD_RETRY;
+        R.recovering = 1;
+    } else {
+        /* Those before it that wait to be sent again would now come after it: they fail. */
+        while (R.cmd_head != c && R.cmd_head && R.cmd_head->state == CMD_RETRY) {
+            struct rcmd *x = R.cmd_head;
+            cmd_unlink(x);
+            cmd_fail(x, "Redis lost its scripts; publish again");
+        }
+        cmd_unlink(c);
+        cmd_complete(c, reply);
+    }
+    if (R.recovering && R.cmds_sent == 0 && pub_usable()) {
+        /* Everything sent is answered: send again, in order, what Redis did not run (EVAL loads
+         * the script again), then what was held behind it. */
+        R.recovering = 0;
+        struct rcmd *list = R.cmd_head;
+        R.cmd_head = R.cmd_tail = NULL;
+        while (list) {
+            struct rcmd *x = list;
+            list = x->next;
+            if (cmd_send(x, x->state == CMD_RETRY) < 0)
+                cmd_fail(x, "Redis cannot be reached");
+            else
+                cmd_append(x);
+        }
+    }
+}
+
+/* The publisher went: fail what was held or waits to be sent again (what was sent fails in its
+ * own callback). */
+static void cmds_fail_unsent(void)
+{
+    R.recovering = 0;
+    struct rcmd *list = R.cmd_head;
+    R.cmd_head = R.cmd_tail = NULL;
+    while (list) {
+        struct rcmd *x = list;
+        list = x->next;
+        if (x->state == CMD_SENT)
+            cmd_append(x); /* its callback comes */
+        else
+            cmd_fail(x, "Redis cannot be reached");
+    }
+}
+
+/* Mirror mode, a channel with a history rule: m goes to Redis to be numbered. */
+static int on_number(struct chan_pub *p, const struct chan_msg *m, size_t length, double age,
+                     const char **err, void *arg)
+{
+    if (!pub_usable()) {
+        *err = "its history is kept in Redis, which cannot be reached now";
+        return -1;
+    }
+    if (sdslen(R.pub.ac->c.obuf) > R.publish_backlog) {
+        *err = "its history is kept in Redis, which is not keeping up";
+        return -1;
+    }
+    char k1[CHAN_NAME_MAX + 32], k2[CHAN_NAME_MAX + 32], len_s[24], age_s[32], ep[17];
+    size_t k1n = key_name(k1, sizeof(k1), m->channel, m->channel_len, "seq");
+    size_t k2n = key_name(k2, sizeof(k2), m->channel, m->channel_len, "history");
+    snprintf(len_s, sizeof(len_s), "%zu", length);
+    snprintf(age_s, sizeof(age_s), "%.0f", age > 0 ? age * 1000 + 0.999 : 0);
+    new_epoch(ep);
+    const char *argv[] = {"2", k1, k2, m->channel, m->is_json ? "j" : "r", m->data, len_s, age_s, ep,
+                          R.node_id};
+    size_t lens[] = {1, k1n, k2n, m->channel_len, 1, m->len, strlen(len_s), strlen(age_s), 16,
+                     NODE_ID_LEN};
+    struct rcmd *c = cmd_new(SCRIPT_PUBLISH, 10, argv, lens);
+    c->pub = p;
+    if (cmd_submit(c) < 0) {
+        cmd_free(c);
+        *err = "its history is kept in Redis, which cannot be reached now";
+        return -1;
+    }
+    return 0;
+}
+
+/* Send a fetch now. Returns 0, or -1 if the publisher would not take it. */
+static int fetch_send(struct chan_fetch *f)
+{
+    char k1[CHAN_NAME_MAX + 32], k2[CHAN_NAME_MAX + 32], a[24], b[24], len_s[24], age_s[32], ep[17],
+        token[24];
+    size_t k1n = key_name(k1, sizeof(k1), f->name, f->name_len, "seq");
+    size_t k2n = key_name(k2, sizeof(k2), f->name, f->name_len, "history");
+    struct rcmd *c;
+    if (f->kind == CHAN_FETCH_RANGE) {
+        snprintf(a, sizeof(a), "%llu", (unsigned long long)f->since + 1);
+        snprintf(b, sizeof(b), "%llu", (unsigned long long)f->until);
+        const char *argv[] = {"2", k1, k2, a, b};
+        size_t lens[] = {1, k1n, k2n, strlen(a), strlen(b)};
+        c = cmd_new(SCRIPT_RANGE, 5, argv, lens);
+    } else {
+        snprintf(a, sizeof(a), "%lld", (long long)f->since);
+        snprintf(b, sizeof(b), "%lld", (long long)f->since + 1);
+        snprintf(len_s, sizeof(len_s), "%zu", f->length);
+        snprintf(age_s, sizeof(age_s), "%.0f", f->age > 0 ? f->age * 1000 + 0.999 : 0);
+        snprintf(token, sizeof(token), "%llu", (unsigned long long)++R.next_token);
+        new_epoch(ep);
+        const char *argv[] = {"2", k1, k2, f->name, a, f->epoch, len_s, age_s, ep, R.node_id, token, b};
+        size_t lens[] = {1, k1n, k2n, f->name_len, strlen(a), strlen(f->epoch), strlen(len_s),
+                         strlen(age_s), 16, NODE_ID_LEN, strlen(token), strlen(b)};
+        c = cmd_new(SCRIPT_JOIN, 12, argv, lens);
+    }
+    c->fetch = f;
+    if (cmd_submit(c) < 0) {
+        cmd_free(c);
+        return -1;
+    }
+    R.fetches++;
+    if (f->kind == CHAN_FETCH_JOIN) {
+        struct mark *m = xcalloc(1, sizeof(*m));
+        m->f = f;
+        m->cmd = c;
+        m->entry = smap_put(&R.marks, token, strlen(token));
+        m->entry->value = m;
+        c->mark = m;
+    }
+    return 0;
+}
+
+/* Send the waiting joins whose channel is heard now. */
+static void fetch_kick(void)
+{
+    if (!pub_usable())
+        return;
+    struct fwait **pp = &R.fwait_head;
+    while (*pp) {
+        struct fwait *w = *pp;
+        if (!heard(w->f->name, w->f->name_len)) {
+            pp = &w->next;
+            continue;
+        }
+        *pp = w->next;
+        if (R.fwait_tail == &w->next)
+            R.fwait_tail = pp;
+        R.nfwait--;
+        struct chan_fetch *f = w->f;
+        free(w);
+        if (fetch_send(f) < 0) {
+            fetch_send_failed(f, "Redis cannot be reached");
+            return; /* the rest waits for the publisher */
+        }
+    }
+}
+
+static void fwait_add(struct chan_fetch *f)
+{
+    struct fwait *w = xcalloc(1, sizeof(*w));
+    w->f = f;
+    if (!R.fwait_tail)
+        R.fwait_tail = &R.fwait_head;
+    *R.fwait_tail = w;
+    R.fwait_tail = &w->next;
+    R.nfwait++;
+}
+
+/* A fetch that could not be sent: one that may wait does; the others fail. */
+static void fetch_send_failed(struct chan_fetch *f, const char *err)
+{
+    if (f->wait && f->kind == CHAN_FETCH_JOIN && R.cfg)
+        fwait_add(f);
+    else
+        chan_fetch_failed(f, err);
+}
+
+static int on_fetch_request(struct chan_fetch *f, void *arg)
+{
+    if (f->kind == CHAN_FETCH_RANGE)
+        return pub_usable() ? fetch_send(f) : -1;
+    int reachable = pub_usable() && R.sub.ready;
+    if (reachable && heard(f->name, f->name_len)) {
+        if (fetch_send(f) == 0)
+            return 0;
+        if (!f->wait)
+            return -1;
+    } else if (!reachable && !f->wait) {
+        return -1;
+    }
+    fwait_add(f); /* sent once the SUBSCRIBE is confirmed */
+    return 0;
+}
+
+/* Fail the waiting joins that do not wait for Redis (it went), or all of them (stopping). */
+static void fwait_fail(int all)
+{
+    struct fwait *list = R.fwait_head;
+    R.fwait_head = NULL;
+    R.fwait_tail = &R.fwait_head;
+    R.nfwait = 0;
+    while (list) {
+        struct fwait *w = list;
+        list = w->next;
+        if (all || !w->f->wait)
+            chan_fetch_failed(w->f, "its history is kept in Redis, which cannot be reached now");
+        else
+            fwait_add(w->f);
+        free(w);
+    }
+}
+
+/* The subscriber went: marks on their way are lost, so their joins fail (and start again). */
+static void marks_fail(void)
+{
+    struct smap old = R.marks;
+    memset(&R.marks, 0, sizeof(R.marks));
+    for (size_t i = 0; i < old.size; i++)
+        for (struct sentry *e = old.b[i]; e; e = e->next) {
+            struct mark *m = e->value;
+            if (m->cmd) {
+                m->cmd->fetch = NULL; /* its answer, when it comes, is dropped */
+                m->cmd->mark = NULL;
+            }
+            chan_fetch_failed(m->f, "the connection to Redis was lost");
+            free(m);
+        }
+    smap_clear(&old, NULL);
+}
+
+/* A mark from the live stream: "<token>:<epoch>:<seq>", from this node's join fetch. */
+static void mark_arrived(const char *p, size_t len)
+{
+    const char *c1 = memchr(p, ':', len);
+    const char *c2 = c1 ? memchr(c1 + 1, ':', (size_t)(p + len - c1 - 1)) : NULL;
+    uint64_t seq;
+    if (!c2 || !epoch_valid(c1 + 1, (size_t)(c2 - c1 - 1)) ||
+        parse_seq(c2 + 1, (size_t)(p + len - c2 - 1), &seq) < 0)
+        return;
+    struct sentry *e = smap_find(&R.marks, p, (size_t)(c1 - p));
+    if (!e)
+        return;
+    struct mark *m = e->value;
+    smap_del(&R.marks, e);
+    if (m->cmd)
+        m->cmd->mark = NULL; /* its answer comes later */
+    struct chan_fetch *f = m->f;
+    free(m);
+    R.marks_seen++;
+    char epoch[CHAN_EPOCH_MAX + 1];
+    snprintf(epoch, sizeof(epoch), "%.*s", (int)(c2 - c1 - 1), c1 + 1);
+    chan_fetch_marker(f, epoch, seq);
+}
+
+/* Stopping: everything waiting for Redis fails. */
+static void hist_stop(void)
+{
+    cmds_fail_unsent();
+    fwait_fail(1);
+    marks_fail();
+}
+
 /* --- receiving ---------------------------------------------------------------------------------- */
 
 /* Count a dropped message in *counter and say why, at most once per 10 s (the counter says the
@@ -660,23 +1370,63 @@ static void drop_log(uint64_t *counter, const char *what, const char *channel, s
     }
 }
 
-/* A message from Redis on channel: unwrap the envelope, drop our own, publish the rest locally. */
+/* The numbered part of an 'h' envelope, "<j|r>:<epoch>:<seq>:": its length, or 0 if malformed. */
+static size_t numbered_header(const char *p, size_t len, int *is_json, char epoch[CHAN_EPOCH_MAX + 1],
+                              uint64_t *seq)
+{
+    if (len < 2 || (p[0] != 'j' && p[0] != 'r') || p[1] != ':')
+        return 0;
+    const char *e = p + 2, *c1 = memchr(e, ':', len - 2);
+    const char *c2 = c1 ? memchr(c1 + 1, ':', (size_t)(p + len - c1 - 1)) : NULL;
+    if (!c2 || !epoch_valid(e, (size_t)(c1 - e)) || parse_seq(c1 + 1, (size_t)(c2 - c1 - 1), seq) < 0)
+        return 0;
+    *is_json = p[0] == 'j';
+    snprintf(epoch, CHAN_EPOCH_MAX + 1, "%.*s", (int)(c1 - e), e);
+    return (size_t)(c2 + 1 - p);
+}
+
+/* A message from Redis on channel: unwrap the envelope, drop our own, publish the rest locally.
+ * A numbered message (kind 'h') is published on every node, this one too: it is how the messages
+ * of a channel whose history Redis keeps are fanned out. A mark (kind 's') is a join's point in
+ * the live stream. */
 static void deliver(const char *channel, size_t channel_len, const char *data, size_t len)
 {
     const char *why;
-    R.received++;
-    int is_json = 0;
+    int is_json = 0, numbered = 0;
+    char epoch[CHAN_EPOCH_MAX + 1];
+    uint64_t seq = 0;
     if (len >= ENVELOPE_HEADER_LEN && memcmp(data, ENVELOPE_MAGIC, ENVELOPE_MAGIC_LEN) == 0 &&
-        data[ENVELOPE_MAGIC_LEN + NODE_ID_LEN] == ':' &&
-        (data[ENVELOPE_HEADER_LEN - 2] == 'j' || data[ENVELOPE_HEADER_LEN - 2] == 'r') &&
-        data[ENVELOPE_HEADER_LEN - 1] == ':') {
-        if (memcmp(data + ENVELOPE_MAGIC_LEN, R.node_id, NODE_ID_LEN) == 0) {
-            R.own_dropped++; /* ours: fanned out when it was published */
-            return;
+        data[ENVELOPE_MAGIC_LEN + NODE_ID_LEN] == ':' && data[ENVELOPE_HEADER_LEN - 1] == ':' &&
+        memchr("jrhs", data[ENVELOPE_HEADER_LEN - 2], 4)) {
+        char kind = data[ENVELOPE_HEADER_LEN - 2];
+        int ours = memcmp(data + ENVELOPE_MAGIC_LEN, R.node_id, NODE_ID_LEN) == 0;
+        if (kind == 's') {
+            if (ours)
+                mark_arrived(data + ENVELOPE_HEADER_LEN, len - ENVELOPE_HEADER_LEN);
+            return; /* another node's join: nothing to do here */
         }
-        is_json = data[ENVELOPE_HEADER_LEN - 2] == 'j';
-        data += ENVELOPE_HEADER_LEN;
-        len -= ENVELOPE_HEADER_LEN;
+        R.received++;
+        if (kind == 'h') {
+            size_t h = numbered_header(data + ENVELOPE_HEADER_LEN, len - ENVELOPE_HEADER_LEN, &is_json,
+                                       epoch, &seq);
+            if (!h) {
+                drop_log(&R.dropped, "malformed numbered envelope", channel, channel_len);
+                return;
+            }
+            numbered = 1;
+            data += ENVELOPE_HEADER_LEN + h;
+            len -= ENVELOPE_HEADER_LEN + h;
+        } else {
+            if (ours) {
+                R.own_dropped++; /* ours: fanned out when it was published */
+                return;
+            }
+            is_json = kind == 'j';
+            data += ENVELOPE_HEADER_LEN;
+            len -= ENVELOPE_HEADER_LEN;
+        }
+    } else {
+        R.received++;
     }
     if (!chan_name_valid(channel, channel_len, &why)) {
         drop_log(&R.dropped, why, channel, channel_len);
@@ -694,7 +1444,20 @@ static void deliver(const char *channel, size_t channel_len, const char *data, s
     struct chan_msg m = {.channel = channel, .channel_len = channel_len, .data = data, .len = len,
                          .is_json = (uint8_t)is_json, .utf8 = (int8_t)(is_json ? 1 : -1),
                          .json = (int8_t)(is_json ? 1 : -1), .remote = 1};
-    chan_publish(&m, NULL);
+    if (numbered) {
+        m.seq = seq;
+        m.epoch = epoch;
+        chan_publish_numbered(&m);
+    } else if (chan_numbered_elsewhere(channel, channel_len)) {
+        /* Published without a number where Redis numbers the channel: every node hears it, so
+         * none may number it. */
+        chan_publish(&m, NULL); /* counts it as dropped */
+        drop_log(&R.dropped, "published without a number on a channel whose history Redis keeps "
+                             "(publish through herald instead)", channel, channel_len);
+        return;
+    } else {
+        chan_publish(&m, NULL);
+    }
     R.published++;
 }
 
@@ -1358,6 +2121,13 @@ static void pub_ready(void)
 {
     if (!R.cfg->mirror)
         return;
+    /* The history scripts, before any command that calls them by SHA1 on this connection. */
+    for (int i = 0; i < SCRIPT_COUNT; i++) {
+        const char *argv[3] = {"SCRIPT", "LOAD", script_text[i]};
+        size_t lens[3] = {6, 4, strlen(script_text[i])};
+        redisAsyncCommandArgv(R.pub.ac, NULL, NULL, 3, argv, lens);
+    }
+    fetch_kick();
     resync();
     for (size_t i = 0; i < R.replicas.size; i++)
         for (struct sentry *e = R.replicas.b[i]; e; e = e->next) {
@@ -1379,6 +2149,7 @@ static void subscribe_events(const char *name, size_t len, void *arg)
 static void mirror_sub_down(void)
 {
     smap_clear(&R.confirmed, NULL);
+    smap_clear(&R.leaving, NULL);
     for (struct glob *g = R.glob_list, *next; g; g = next) {
         next = g->next;
         g->confirmed = 0;
@@ -1447,6 +2218,8 @@ static void on_sub_reply(redisAsyncContext *ac, void *r, void *priv)
             struct glob *g;
             if (idx >= 0) {
                 R.pattern_ok[idx] = (uint8_t)psub;
+                if (psub && R.nfwait)
+                    fetch_kick();
             } else if ((g = glob_find(e[1]->str, e[1]->len))) {
                 g->confirmed = (uint8_t)psub;
                 if (!g->refs && !g->confirmed)
@@ -1454,6 +2227,8 @@ static void on_sub_reply(redisAsyncContext *ac, void *r, void *priv)
             }
         } else if (sub) {
             smap_put(&R.confirmed, e[1]->str, e[1]->len);
+            if (R.nfwait)
+                fetch_kick(); /* joins waiting to hear the channel */
             struct replica *rep;
             if (e[1]->len > EVENTS_PREFIX_LEN &&
                 memcmp(e[1]->str, EVENTS_PREFIX, EVENTS_PREFIX_LEN) == 0 &&
@@ -1464,6 +2239,8 @@ static void on_sub_reply(redisAsyncContext *ac, void *r, void *priv)
             struct sentry *x = smap_find(&R.confirmed, e[1]->str, e[1]->len);
             if (x)
                 smap_del(&R.confirmed, x);
+            if ((x = smap_find(&R.leaving, e[1]->str, e[1]->len)) && --x->vlen == 0)
+                smap_del(&R.leaving, x);
         }
     }
 }
@@ -1505,7 +2282,9 @@ static void set_observer(int mirror)
                                              .presence_join = on_presence_join,
                                              .presence_leave = on_presence_leave,
                                              .presence_complete = on_presence_complete,
-                                             .presence_remote = on_presence_remote};
+                                             .presence_remote = on_presence_remote,
+                                             .number = on_number,
+                                             .fetch = on_fetch_request};
     chan_set_observer(mirror ? &obs : NULL);
 }
 
@@ -1561,6 +2340,21 @@ static void stats_json(struct buf *b, void *arg)
     for (size_t i = 0; i < R.replicas.size; i++)
         for (struct sentry *e = R.replicas.b[i]; e; e = e->next)
             remote += ((struct replica *)e->value)->members.count;
+    struct chan_rstats h;
+    chan_rstats_get(&h);
+    buf_printf(b, ",\"history\":{\"channels\":%llu,\"publishes\":%llu,\"publish_errors\":%llu,"
+                  "\"in_flight\":%u,\"joins\":%llu,\"join_errors\":%llu,\"joining\":%llu,"
+                  "\"joins_waiting\":%zu,\"fetches\":%llu,\"marks\":%llu,\"gaps_filled\":%llu,"
+                  "\"missed\":%llu,\"duplicates\":%llu,\"held\":%llu,\"epoch_changes\":%llu,"
+                  "\"unnumbered_dropped\":%llu,\"script_errors\":%llu,\"noscript\":%llu}",
+               (unsigned long long)h.channels, (unsigned long long)h.publishes,
+               (unsigned long long)h.publish_errors, R.cmds_sent, (unsigned long long)h.joins,
+               (unsigned long long)h.join_errors, (unsigned long long)h.joining, R.nfwait,
+               (unsigned long long)h.fetches, (unsigned long long)R.marks_seen,
+               (unsigned long long)h.gaps, (unsigned long long)h.missed,
+               (unsigned long long)h.duplicates, (unsigned long long)h.held,
+               (unsigned long long)h.epoch_changes, (unsigned long long)h.unnumbered_dropped,
+               (unsigned long long)R.script_errors, (unsigned long long)R.noscript);
     buf_printf(b, ",\"patterns\":%zu,\"duplicates_dropped\":%llu,\"filtered\":%llu,"
                   "\"presence\":{\"ttl\":%g,\"channels\":%zu,\"remote_members\":%zu,"
                   "\"announcements\":%llu,\"fetches\":%llu,\"resyncs\":%llu}}}",
@@ -1614,6 +2408,38 @@ static void stats_prom(struct buf *b, void *arg)
               "Messages through a pattern's glob that no local pattern wanted", (double)R.filtered);
     prom_line(b, "redis_mirror_presence_announcements_total", "counter",
               "Presence joins and leaves heard from other nodes", (double)R.presence_events);
+    struct chan_rstats h;
+    chan_rstats_get(&h);
+    prom_line(b, "redis_history_channels", "gauge", "Channels whose history Redis keeps",
+              (double)h.channels);
+    prom_line(b, "redis_history_publishes_total", "counter",
+              "Messages handed to Redis to be numbered and kept", (double)h.publishes);
+    prom_line(b, "redis_history_publish_errors_total", "counter",
+              "Publishes refused or failed because Redis could not number them", (double)h.publish_errors);
+    prom_line(b, "redis_history_in_flight", "gauge", "History scripts sent to Redis and not answered",
+              (double)R.cmds_sent);
+    prom_line(b, "redis_history_joins_total", "counter",
+              "Subscriptions that joined a channel through Redis (with or without a resume)",
+              (double)h.joins);
+    prom_line(b, "redis_history_join_errors_total", "counter",
+              "Subscriptions refused because Redis could not be reached", (double)h.join_errors);
+    prom_line(b, "redis_history_joining", "gauge", "Subscriptions waiting for their join point",
+              (double)h.joining);
+    prom_line(b, "redis_history_fetches_total", "counter", "Join and gap fetches sent to Redis",
+              (double)h.fetches);
+    prom_line(b, "redis_history_gaps_filled_total", "counter",
+              "Gaps in a channel's live stream filled from its history", (double)h.gaps);
+    prom_line(b, "redis_history_missed_total", "counter",
+              "Seqs that could not be filled (no longer in the history)", (double)h.missed);
+    prom_line(b, "redis_history_duplicates_total", "counter", "Numbered messages seen twice, dropped",
+              (double)h.duplicates);
+    prom_line(b, "redis_history_held", "gauge",
+              "Live messages held while a gap is filled or a join is answered", (double)h.held);
+    prom_line(b, "redis_history_epoch_changes_total", "counter",
+              "Channels whose history started again under a new epoch", (double)h.epoch_changes);
+    prom_line(b, "redis_history_unnumbered_dropped_total", "counter",
+              "Messages published to Redis without a number on such a channel, dropped",
+              (double)h.unnumbered_dropped);
 }
 
 /* --- entry points ------------------------------------------------------------------------------- */
@@ -1624,7 +2450,9 @@ static void stop_all(void)
     ev_timer_stop(R.loop, &R.beat);
     link_stop(&R.sub);
     link_stop(&R.pub);
+    hist_stop();
     smap_clear(&R.confirmed, NULL);
+    smap_clear(&R.leaving, NULL);
     globs_clear();
     /* Requests waiting for other nodes' members are answered with this node's. */
     for (size_t i = 0; i < R.replicas.size; i++)
@@ -1701,6 +2529,8 @@ void redis_src_configure(struct ev_loop *loop, const struct config *cfg)
         ev_init(&R.beat, on_beat_timer);
         /* The node id presence uses too: one identity per process. */
         memcpy(R.node_id, chan_node_id(), NODE_ID_LEN);
+        hist_init_scripts();
+        R.fwait_tail = &R.fwait_head;
         srand((unsigned)strtoul(R.node_id + NODE_ID_LEN - 6, NULL, 16)); /* backoff jitter differs per node */
     }
     R.loop = loop;

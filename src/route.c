@@ -10,6 +10,7 @@
 #include "pattern.h"
 #include "pubsub.h"
 #include "script.h"
+#include "server.h"
 #include "stats.h"
 #include "ws.h"
 
@@ -156,6 +157,19 @@ static int subscribe_name(const char *name, size_t len, void *arg)
     return 0;
 }
 
+/* A ?subscribe= channel whose history Redis keeps: joined before the 101 goes. */
+static int join_name(const char *name, size_t len, void *arg)
+{
+    if (chan_numbered_elsewhere(name, len))
+        server_join(arg, name, len, -1, NULL, 0, 0);
+    return 0;
+}
+
+static int numbered_name(const char *name, size_t len, void *arg)
+{
+    return chan_numbered_elsewhere(name, len);
+}
+
 /* The ?subscribe= list of a /ws handshake, decoded into scratch; -1 if absent, -2 if malformed. */
 static ssize_t query_channels(const char *query, size_t query_len)
 {
@@ -166,28 +180,55 @@ static ssize_t query_channels(const char *query, size_t query_len)
     return http_query_get(query, query_len, "subscribe", scratch.data, scratch.cap);
 }
 
+/* A raw subscriber's resume request, ?since=N&epoch=E. */
+struct raw_resume {
+    int64_t since;   /* -1: none asked */
+    char epoch[64];
+    ssize_t epoch_len; /* -1: none given */
+};
+
+/* Parse it: 0, or -1 when malformed. */
+static int raw_resume_parse(const char *query, size_t query_len, struct raw_resume *rr)
+{
+    char text[32];
+    rr->since = -1;
+    rr->epoch_len = -1;
+    ssize_t n = query ? http_query_get(query, query_len, "since", text, sizeof(text) - 1) : -1;
+    if (n < 0)
+        return n == -2 ? -1 : 0;
+    text[n] = 0;
+    char *end;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (!n || *end || text[0] == '-' || v > INT64_MAX)
+        return -1;
+    rr->since = (int64_t)v;
+    rr->epoch_len = http_query_get(query, query_len, "epoch", rr->epoch, sizeof(rr->epoch));
+    return 0;
+}
+
 /* A raw subscriber's resume request (?since=N&epoch=E): the recovery verdict as chan_recover
  * gives it, or -2 when the query asks for none (or is malformed: *bad set). */
 static int raw_resume(const char *query, size_t query_len, const char *name, size_t len, uint64_t *since,
                       uint64_t *last, int *bad)
 {
-    char text[32], ep[64];
-    *bad = 0;
-    ssize_t n = query ? http_query_get(query, query_len, "since", text, sizeof(text) - 1) : -1;
-    if (n < 0) {
-        *bad = n == -2;
+    struct raw_resume rr;
+    *bad = raw_resume_parse(query, query_len, &rr) < 0;
+    if (*bad || rr.since < 0)
         return -2;
-    }
-    text[n] = 0;
-    char *end;
-    unsigned long long v = strtoull(text, &end, 10);
-    if (!n || *end || text[0] == '-') {
-        *bad = 1;
-        return -2;
-    }
-    *since = v;
-    ssize_t elen = http_query_get(query, query_len, "epoch", ep, sizeof(ep));
-    return chan_recover(name, len, v, elen < 0 ? NULL : ep, elen < 0 ? 0 : (size_t)elen, last);
+    *since = (uint64_t)rr.since;
+    return chan_recover(name, len, *since, rr.epoch_len < 0 ? NULL : rr.epoch,
+                        rr.epoch_len < 0 ? 0 : (size_t)rr.epoch_len, last);
+}
+
+int route_waits(struct route *r, const char *path, size_t path_len, const char *query, size_t query_len)
+{
+    if (r->kind == ROUTE_RAW)
+        return path_len > r->path_len &&
+               chan_numbered_elsewhere(path + r->path_len, path_len - r->path_len);
+    if (r->kind != ROUTE_PUBSUB)
+        return 0;
+    ssize_t n = query_channels(query, query_len);
+    return n > 0 && each_channel(scratch.data, (size_t)n, numbered_name, NULL);
 }
 
 /* The checks of a built-in route's handshake: channel names, grants, a resume request. */
@@ -212,6 +253,8 @@ static int builtin_accept(struct route *r, struct conn *c, const struct http_req
             *why = "since must be a seq (a whole number >= 0)";
             return 400;
         }
+        if (chan_numbered_elsewhere(name, len))
+            return 0; /* answered in the 101 once Redis has said where the channel is */
         if (recovered != -1 && (recovered != -2 || chan_recover(name, len, 0, NULL, 0, &last) >= 0)) {
             buf_printf(headers, "X-Herald-Epoch: %s\r\nX-Herald-Seq: %llu\r\n", chan_epoch(),
                        (unsigned long long)last);
@@ -249,6 +292,19 @@ int route_accept(struct route *r, struct conn *c, const struct http_request *req
 int route_open(struct route *r, struct conn *c, const char *path, size_t path_len, const char *query,
                size_t query_len)
 {
+    if (c->awaiting) { /* see route_waits: the channels Redis numbers first */
+        if (r->kind == ROUTE_RAW) {
+            struct raw_resume rr;
+            raw_resume_parse(query, query_len, &rr);
+            server_join(c, path + r->path_len, path_len - r->path_len, rr.since,
+                        rr.epoch_len < 0 ? NULL : rr.epoch, rr.epoch_len < 0 ? 0 : (size_t)rr.epoch_len, 1);
+        } else if (r->kind == ROUTE_PUBSUB) {
+            ssize_t n = query_channels(query, query_len);
+            if (n >= 0)
+                each_channel(scratch.data, (size_t)n, join_name, c);
+        }
+        return 0;
+    }
     if (r->kind == ROUTE_RAW) {
         const char *name = path + r->path_len;
         size_t len = path_len - r->path_len;
@@ -325,13 +381,105 @@ int route_adopt(struct route **routes, size_t n, struct route *const *old, size_
     return failures;
 }
 
-/* --- the generic protocol ------------------------------------------------------------------ */
+/* --- the generic protocol ------------------------------------------------------------------ *
+ *
+ * Replies go out in the order of the requests. A reply that waits for Redis (a publish to, or a
+ * subscription of, a channel whose history Redis keeps) holds back those after it: they wait in
+ * the connection's outbox. A request after a waiting subscription, or any request other than a
+ * publish after a waiting publish, waits there too, unexecuted, and runs in its turn: so a
+ * subscription's reply, its replay and its presence come before what the requests after it do,
+ * while publishes to Redis-kept channels go out back to back (Redis answers them in order). */
+
+enum obx_kind { OBX_TEXT, OBX_PUB, OBX_JOIN };
+
+/* A reply in the outbox. */
+struct obx_item {
+    struct obx_item *next;
+    struct conn *c;
+    uint8_t kind;
+    uint8_t ready;             /* its text is known */
+    uint8_t queued;            /* in the outbox (else a publish answered at once, on the stack) */
+    int8_t presence, events;   /* OBX_JOIN: the presence to set once it is out */
+    struct chan_join *join;    /* OBX_JOIN: emitted after the reply */
+    struct buf text;           /* the reply */
+    struct buf info;           /* OBX_JOIN: the presence info */
+    const char *id;            /* the request's id (JSON text) or NULL */
+    size_t id_len;
+    size_t channel_len;
+    char channel[CHAN_NAME_MAX + 1];
+    char id_copy[];            /* where a queued item keeps its id */
+};
+
+/* A request waiting to be executed. */
+struct obx_request {
+    struct obx_request *next;
+    size_t len;
+    uint8_t binary;
+    char data[];
+};
+
+struct outbox {
+    struct obx_item *head, *tail;
+    struct obx_request *rhead, *rtail;
+    size_t request_bytes;
+    uint32_t joins;            /* OBX_JOIN items */
+    uint8_t running;           /* obx_flush is running */
+};
+
+/* Requests waiting their turn on one connection, in bytes, past which it is closed (1013). */
+#define OBX_REQUESTS_MAX (1u << 20)
+
+static void pubsub_run(struct conn *c, const uint8_t *data, size_t len, int binary, int queued);
 
 /* Start a reply {"op":"<op>" in scratch. */
 static void reply_begin(const char *op)
 {
     scratch.len = 0;
     buf_printf(&scratch, "{\"op\":\"%s\"", op);
+}
+
+static struct obx_item *obx_add(struct conn *c, enum obx_kind kind, const char *id, size_t id_len)
+{
+    struct outbox *o = CONN_WAIT(c, outbox);
+    if (!o)
+        conn_waits(c)->outbox = o = xcalloc(1, sizeof(*o));
+    struct obx_item *it = xcalloc(1, sizeof(*it) + (id ? id_len : 0));
+    it->c = c;
+    it->kind = (uint8_t)kind;
+    it->queued = 1;
+    if (id) {
+        memcpy(it->id_copy, id, id_len);
+        it->id = it->id_copy;
+        it->id_len = id_len;
+    }
+    if (o->tail)
+        o->tail->next = it;
+    else
+        o->head = it;
+    o->tail = it;
+    if (kind == OBX_JOIN)
+        o->joins++;
+    return it;
+}
+
+static void obx_item_free(struct obx_item *it)
+{
+    buf_free(&it->text);
+    buf_free(&it->info);
+    free(it);
+}
+
+/* Send a reply (text, len) now, or after the replies waiting before it. */
+static void reply_send(struct conn *c, const char *text, size_t len)
+{
+    struct outbox *o = CONN_WAIT(c, outbox);
+    if (!o || !o->head) {
+        route_send_text(c, text, len);
+        return;
+    }
+    struct obx_item *it = obx_add(c, OBX_TEXT, NULL, 0);
+    buf_append(&it->text, text, len);
+    it->ready = 1;
 }
 
 /* Finish the reply with the request's id, if it had one, and send it. */
@@ -342,7 +490,7 @@ static void reply_end(struct conn *c, const struct json_span *id)
         buf_append(&scratch, id->p, id->len);
     }
     buf_append(&scratch, "}", 1);
-    route_send_text(c, scratch.data, scratch.len);
+    reply_send(c, scratch.data, scratch.len);
 }
 
 static void reply_error(struct conn *c, const char *error, const struct json_span *id)
@@ -350,7 +498,173 @@ static void reply_error(struct conn *c, const char *error, const struct json_spa
     stats.request_errors++;
     scratch.len = 0;
     pubsub_error_reply(&scratch, error, id);
-    route_send_text(c, scratch.data, scratch.len);
+    reply_send(c, scratch.data, scratch.len);
+}
+
+/* An error reply into an item's text (its id is its own JSON text). */
+static void item_error(struct obx_item *it, const char *what, const char *err)
+{
+    char msg[400];
+    snprintf(msg, sizeof(msg), "%s: %s", what, err);
+    struct json_span id = {.type = it->id ? JSON_NUMBER : JSON_NONE, .p = it->id, .len = it->id_len};
+    stats.request_errors++;
+    it->text.len = 0;
+    pubsub_error_reply(&it->text, msg, &id);
+}
+
+/* Send what is ready at the head of c's outbox, then run the requests that waited, in order,
+ * while nothing waits before them. */
+static void obx_flush(struct conn *c)
+{
+    struct outbox *o = CONN_WAIT(c, outbox);
+    if (!o || o->running)
+        return;
+    o->running = 1;
+    while (CONN_WAIT(c, outbox) == o && c->state == CONN_WS) {
+        struct obx_item *it = o->head;
+        if (it && it->ready) {
+            o->head = it->next;
+            if (!o->head)
+                o->tail = NULL;
+            if (it->kind == OBX_JOIN)
+                o->joins--;
+            route_send_text(c, it->text.data, it->text.len);
+            if (it->join) {
+                chan_join_emit(it->join);
+                if (it->presence != -1 || it->events != -1)
+                    chan_presence_set(c, it->channel, it->channel_len, it->presence, it->events,
+                                      it->info.data, it->info.len);
+            }
+            obx_item_free(it);
+            continue;
+        }
+        if (it || !o->rhead)
+            break;
+        struct obx_request *q = o->rhead;
+        o->rhead = q->next;
+        if (!o->rhead)
+            o->rtail = NULL;
+        o->request_bytes -= q->len;
+        pubsub_run(c, (const uint8_t *)q->data, q->len, q->binary, 1);
+        free(q);
+    }
+    if (CONN_WAIT(c, outbox) == o) {
+        o->running = 0;
+        if (!o->head && !o->rhead) {
+            free(o);
+            c->waits->outbox = NULL;
+        }
+    }
+}
+
+/* Keep a request for its turn (at the front: one taken from the queue that must wait again). */
+static void obx_defer(struct conn *c, const uint8_t *data, size_t len, int binary, int front)
+{
+    struct outbox *o = CONN_WAIT(c, outbox);
+    if (o->request_bytes + len > OBX_REQUESTS_MAX) {
+        stats.slow_consumers_dropped++;
+        conn_ws_close(c, WS_CLOSE_TRY_AGAIN, "too many requests waiting for Redis");
+        return;
+    }
+    struct obx_request *q = xmalloc(sizeof(*q) + len);
+    q->len = len;
+    q->binary = (uint8_t)binary;
+    memcpy(q->data, data, len);
+    if (front) {
+        q->next = o->rhead;
+        o->rhead = q;
+        if (!o->rtail)
+            o->rtail = q;
+    } else {
+        q->next = NULL;
+        if (o->rtail)
+            o->rtail->next = q;
+        else
+            o->rhead = q;
+        o->rtail = q;
+    }
+    o->request_bytes += len;
+}
+
+void route_detach(struct conn *c)
+{
+    struct outbox *o = CONN_WAIT(c, outbox);
+    if (!o)
+        return;
+    c->waits->outbox = NULL; /* what waits in channel.c for it is cancelled next, silently */
+    while (o->head) {
+        struct obx_item *it = o->head;
+        o->head = it->next;
+        obx_item_free(it);
+    }
+    while (o->rhead) {
+        struct obx_request *q = o->rhead;
+        o->rhead = q->next;
+        free(q);
+    }
+    free(o);
+}
+
+/* A publish's outcome: the published reply (or an error), now or in its turn. */
+static void ws_published(void *arg, uint64_t seq, size_t subscribers, const char *err)
+{
+    struct obx_item *it = arg;
+    struct buf *b = it->queued ? &it->text : &scratch;
+    if (err) {
+        item_error(it, "cannot publish to this channel now", err);
+        if (!it->queued) {
+            reply_send(it->c, it->text.data, it->text.len);
+            buf_free(&it->text);
+            return;
+        }
+    } else {
+        b->len = 0;
+        buf_printf(b, "{\"op\":\"published\",\"channel\":\"%.*s\",\"seq\":%llu",
+                   (int)it->channel_len, it->channel, (unsigned long long)seq);
+        if (it->id) {
+            buf_append_str(b, ",\"id\":");
+            buf_append(b, it->id, it->id_len);
+        }
+        buf_append(b, "}", 1);
+        if (!it->queued) {
+            reply_send(it->c, b->data, b->len);
+            return;
+        }
+    }
+    it->ready = 1;
+    obx_flush(it->c);
+}
+
+/* A subscription's answer, from Redis: the subscribed reply, then (once it is out) the replay. */
+static void ws_joined(struct conn *c, struct chan_join *j, const struct chan_join_result *r, void *arg)
+{
+    struct outbox *o = CONN_WAIT(c, outbox);
+    struct obx_item *it = o ? o->head : NULL;
+    while (it && (it->kind != OBX_JOIN || it->ready))
+        it = it->next;
+    if (!it)
+        return; /* cannot be: the connection's outbox holds its join until it is answered */
+    if (r->err) {
+        item_error(it, "cannot subscribe to this channel now", r->err);
+    } else {
+        it->join = j;
+        it->text.len = 0;
+        buf_printf(&it->text, "{\"op\":\"subscribed\",\"channel\":\"%.*s\"", (int)it->channel_len,
+                   it->channel);
+        if (r->epoch) {
+            buf_printf(&it->text, ",\"epoch\":\"%s\",\"seq\":%llu", r->epoch,
+                       (unsigned long long)r->seq);
+            if (r->recovered >= 0)
+                buf_printf(&it->text, ",\"recovered\":%s", r->recovered ? "true" : "false");
+        }
+        if (it->id) {
+            buf_append_str(&it->text, ",\"id\":");
+            buf_append(&it->text, it->id, it->id_len);
+        }
+        buf_append(&it->text, "}", 1);
+    }
+    it->ready = 1;
+    obx_flush(c);
 }
 
 /* Most members listed in a presence reply; "count" says how many there are. */
@@ -417,13 +731,24 @@ static void pattern_request(struct conn *c, const struct pubsub_request *q)
     reply_end(c, &q->id);
 }
 
-static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int binary)
+/* The generic route's request in data: executed now, or kept for its turn (queued: it comes from
+ * the outbox, at its front). */
+static void pubsub_run(struct conn *c, const uint8_t *data, size_t len, int binary, int queued)
 {
+    struct outbox *o = CONN_WAIT(c, outbox);
+    if (o && o->rhead && !queued) { /* requests wait before it: so does it */
+        obx_defer(c, data, len, binary, 0);
+        return;
+    }
     struct pubsub_request q;
     const char *error;
     char error_buf[64];
     if (pubsub_parse((const char *)data, len, binary, &q, &error, error_buf) < 0) {
         reply_error(c, error, &q.id);
+        return;
+    }
+    if (o && o->head && (o->joins || q.op != PUBSUB_PUBLISH || q.is_pattern)) {
+        obx_defer(c, data, len, binary, queued);
         return;
     }
     if (q.is_pattern) {
@@ -445,31 +770,47 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
         reply_error(c, msg, id);
         return;
     }
+    const char *id_text = id->type != JSON_NONE ? id->p : NULL;
     switch (q.op) {
     case PUBSUB_PRESENCE: {
-        const char *id_text = id->type != JSON_NONE ? id->p : NULL;
         if (chan_presence_request(c, channel, clen, id_text, id->len))
             route_presence_reply(c, channel, clen, id_text, id->len);
         break;
     }
     case PUBSUB_SUBSCRIBE: {
-        if (chan_subscribe(c, channel, clen) < 0) {
+        struct chan_join_result now;
+        int rc = chan_subscribe_from(c, channel, clen, q.since, q.epoch_len < 0 ? NULL : q.epoch,
+                                     q.epoch_len < 0 ? 0 : (size_t)q.epoch_len, 0, ws_joined, NULL,
+                                     &now);
+        if (rc == CHAN_LIMIT) {
             reply_error(c, "subscription limit reached for this connection", id);
             return;
         }
-        uint64_t last;
-        int recovered = chan_recover(channel, clen, q.since < 0 ? 0 : (uint64_t)q.since,
-                                     q.epoch_len < 0 ? NULL : q.epoch,
-                                     q.epoch_len < 0 ? 0 : (size_t)q.epoch_len, &last);
+        if (rc == CHAN_UNAVAILABLE) {
+            char msg[320];
+            snprintf(msg, sizeof(msg), "cannot subscribe to this channel now: %s", now.err);
+            reply_error(c, msg, id);
+            return;
+        }
+        if (rc == CHAN_JOINING) { /* answered when Redis has said where the channel is */
+            struct obx_item *it = obx_add(c, OBX_JOIN, id_text, id->len);
+            memcpy(it->channel, channel, clen);
+            it->channel_len = clen;
+            it->presence = (int8_t)q.presence;
+            it->events = (int8_t)q.events;
+            if (q.info.type != JSON_NONE)
+                buf_append(&it->info, q.info.p, q.info.len);
+            break;
+        }
         reply_begin("subscribed");
         buf_printf(&scratch, ",\"channel\":\"%s\"", channel);
-        if (recovered >= 0) {
-            buf_printf(&scratch, ",\"epoch\":\"%s\",\"seq\":%llu", chan_epoch(), (unsigned long long)last);
-            if (q.since >= 0)
-                buf_printf(&scratch, ",\"recovered\":%s", recovered ? "true" : "false");
+        if (now.epoch) {
+            buf_printf(&scratch, ",\"epoch\":\"%s\",\"seq\":%llu", now.epoch, (unsigned long long)now.seq);
+            if (now.recovered >= 0)
+                buf_printf(&scratch, ",\"recovered\":%s", now.recovered ? "true" : "false");
         }
         reply_end(c, id);
-        if (recovered == 1 && q.since >= 0)
+        if (now.recovered == 1 && q.since >= 0)
             chan_replay(c, channel, clen, (uint64_t)q.since);
         if (q.presence != -1 || q.events != -1)
             chan_presence_set(c, channel, clen, q.presence, q.events, q.info.p,
@@ -485,13 +826,36 @@ static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int 
     case PUBSUB_PUBLISH: {
         struct chan_msg m = {.channel = channel, .channel_len = clen, .data = q.data.p,
                              .len = q.data.len, .is_json = 1, .utf8 = 1, .json = 1};
-        uint64_t seq = chan_publish(&m, NULL);
-        reply_begin("published");
-        buf_printf(&scratch, ",\"channel\":\"%s\",\"seq\":%llu", channel, (unsigned long long)seq);
-        reply_end(c, id);
+        /* Answered in the callback: at once, or (a channel Redis numbers) in its turn. */
+        struct obx_item now_item = {.c = c, .id = id_text, .id_len = id->len, .channel_len = clen};
+        memcpy(now_item.channel, channel, clen);
+        struct chan_pub *pending = NULL;
+        if (chan_publish_cb(&m, c, ws_published, &now_item, &pending) == 0) {
+            struct obx_item *it = obx_add(c, OBX_PUB, id_text, id->len);
+            memcpy(it->channel, channel, clen);
+            it->channel_len = clen;
+            chan_pub_rebind(pending, ws_published, it);
+        }
         break;
     }
     }
+    if (queued)
+        return; /* obx_flush goes on */
+    if (CONN_WAIT(c, outbox) && !((struct outbox *)c->waits->outbox)->running)
+        obx_flush(c); /* a reply queued behind others may be sendable (or nothing waits: freed) */
+}
+
+static void pubsub_message(struct conn *c, const uint8_t *data, size_t len, int binary)
+{
+    pubsub_run(c, data, len, binary, 0);
+}
+
+/* A raw client's publish: nothing to answer, unless it could not be published (a channel whose
+ * history Redis keeps, with Redis unreachable): then the client is told by a close. */
+static void raw_published(void *arg, uint64_t seq, size_t subscribers, const char *err)
+{
+    if (err)
+        conn_ws_close(arg, WS_CLOSE_TRY_AGAIN, "cannot publish now: Redis cannot be reached");
 }
 
 void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
@@ -524,7 +888,7 @@ void route_message(struct conn *c, const uint8_t *data, size_t len, int binary)
                 break;
             }
             if (name)
-                chan_publish(&m, NULL);
+                chan_publish_cb(&m, c, raw_published, c, NULL);
         }
         break;
     case ROUTE_SCRIPT:
@@ -555,7 +919,8 @@ static int msg_json(struct chan_msg *m)
  * would otherwise end the field). */
 static void sse_event(struct chan_msg *m, const char *data, size_t len)
 {
-    buf_printf(&scratch, "id: %s:%.*s:%llu\ndata: ", chan_epoch(), (int)m->channel_len, m->channel,
+    buf_printf(&scratch, "id: %s:%.*s:%llu\ndata: ", m->epoch ? m->epoch : chan_epoch(),
+               (int)m->channel_len, m->channel,
                (unsigned long long)m->seq);
     size_t start = 0;
     for (size_t i = 0; i < len; i++) {

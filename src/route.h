@@ -54,9 +54,16 @@ const char *route_kind_name(enum route_kind kind);
 /* The route a request path (percent-decoded, without query) belongs to, or NULL. */
 struct route *route_match(struct route *const *routes, size_t n, const char *path, size_t len);
 
-/* A WebSocket handshake on r was accepted for c (the 101 response is queued). path is the decoded
- * request path; query the raw query string or NULL. Returns 0, or -1 with the connection closed
- * with a reason. */
+/* 1 if a handshake for path on r waits for Redis before its 101: it subscribes to channels whose
+ * history Redis keeps (a raw route's channel, /ws?subscribe=), and a subscription starts where
+ * Redis says the channel is, which the 101 of a raw route also tells. */
+int route_waits(struct route *r, const char *path, size_t path_len, const char *query, size_t query_len);
+
+/* A WebSocket handshake on r was accepted for c: the 101 response is queued. path is the decoded
+ * request path; query the raw query string or NULL. When route_waits said so, it is called twice:
+ * first with c->awaiting set and the 101 held, to join those channels (server_join), then again
+ * once they are joined and the 101 is queued. Returns 0, or -1 with the connection closed with a
+ * reason. */
 int route_open(struct route *r, struct conn *c, const char *path, size_t path_len, const char *query,
                size_t query_len);
 
@@ -85,6 +92,9 @@ int route_allows_pattern(struct route *r, struct conn *c, const char *p, size_t 
 
 /* c is closing: its route's script, if any, runs its close hook (once). */
 void route_closed(struct conn *c, uint16_t code, const char *reason);
+/* c is closing: replies and requests waiting their turn are dropped. Called before its
+ * subscriptions are undone. */
+void route_detach(struct conn *c);
 
 /* After a configuration reload: routes in the new table that match an old route by path and kind
  * are replaced by the old route object (updated in place, its script re-run in its own state), so

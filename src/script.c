@@ -58,6 +58,7 @@ static const char *const hook_names[HOOK_KINDS] = {"open", "message", "deliver",
 #define ACCESS_HOOKS ((1u << HOOK_OPEN) | (1u << HOOK_CLOSE) | (1u << HOOK_AUTHORIZE))
 
 struct ltimer;
+struct lpub;
 
 /* A script route's Lua state and its figures. */
 struct lstate {
@@ -66,6 +67,7 @@ struct lstate {
     struct lstate *next;     /* all states, for /stats */
     lua_State *running;      /* the thread that called into C code which may call a hook again */
     struct ltimer *timers;   /* active timers */
+    struct lpub *pubs;       /* publishes waiting for their seq from Redis */
     int fn[SCRIPT_HOOKS];    /* registry references of the hooks, LUA_NOREF when absent */
     int clients_ref;         /* registry: id -> client object, for the open connections */
     int result_ref;          /* registry slot keeping deliver's last result alive */
@@ -426,7 +428,68 @@ static void no_deliver(lua_State *L, const char *what)
 
 /* --- the herald module -------------------------------------------------------------------------- */
 
-/* herald.publish(channel, data) -> seq, subscribers */
+/* A herald.publish whose seq comes from Redis, and the function to tell (fn_ref). */
+struct lpub {
+    struct lpub *prev, *next; /* on st->pubs */
+    struct lstate *st;
+    struct chan_pub *pub;
+    int fn_ref;
+};
+
+/* A publish's outcome known at once. */
+struct lpub_now {
+    uint64_t seq;
+    size_t subscribers;
+    const char *err;
+};
+
+static void published_now(void *arg, uint64_t seq, size_t subscribers, const char *err)
+{
+    struct lpub_now *n = arg;
+    n->seq = seq;
+    n->subscribers = subscribers;
+    n->err = err;
+}
+
+static int do_published(lua_State *L)
+{
+    lua_call(L, 2, 0); /* fn(seq, subscribers) or fn(nil, err), pushed by published_later */
+    return 0;
+}
+
+static void lpub_unlink(struct lpub *p)
+{
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        p->st->pubs = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+}
+
+static void published_later(void *arg, uint64_t seq, size_t subscribers, const char *err)
+{
+    struct lpub *p = arg;
+    struct lstate *st = p->st;
+    lua_State *L = st->L;
+    lpub_unlink(p);
+    reserve_stack(st, L, 3);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->fn_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->fn_ref);
+    free(p);
+    if (err) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+    } else {
+        lua_pushinteger(L, (lua_Integer)seq);
+        lua_pushinteger(L, (lua_Integer)subscribers);
+    }
+    run(st, L, HOOK_TIMER, do_published, NULL, 3);
+}
+
+/* herald.publish(channel, data [, done]) -> seq, subscribers; or nil, "pending" when Redis numbers
+ * the channel (done(seq, subscribers) is called once it has); or nil, why when it cannot be
+ * published (done(nil, why) too). */
 static int l_publish(lua_State *L)
 {
     struct lstate *st = state_of(L);
@@ -438,6 +501,10 @@ static int l_publish(lua_State *L)
     int opcode;
     const char *channel = luaL_checklstring(L, 1, &clen);
     check_channel(L, "herald.publish", channel, clen);
+    int has_fn = !lua_isnoneornil(L, 3);
+    if (has_fn)
+        luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_settop(L, 3); /* payload_arg may push what it encodes: the function stays at 3 */
     int is_table = lua_type(L, 2) == LUA_TTABLE;
     const char *data = payload_arg(L, 2, 0, "herald.publish", &len, &opcode);
     struct chan_msg m = {.channel = channel, .channel_len = clen, .data = data, .len = len,
@@ -445,11 +512,47 @@ static int l_publish(lua_State *L)
                          .json = is_table ? 1 : -1};
     lua_State *prev = st->running;
     st->running = L; /* our deliver may run, nested, on this thread */
-    size_t subscribers;
-    uint64_t seq = chan_publish(&m, &subscribers);
+    struct lpub_now now = {0};
+    struct chan_pub *pending = NULL;
+    int done = chan_publish_cb(&m, NULL, published_now, &now, &pending);
     st->running = prev;
-    lua_pushinteger(L, (lua_Integer)seq);
-    lua_pushinteger(L, (lua_Integer)subscribers);
+    if (!done) {
+        if (!has_fn) {
+            chan_pub_cancel(pending); /* nobody to tell */
+        } else {
+            struct lpub *p = xcalloc(1, sizeof(*p));
+            p->st = st;
+            p->pub = pending;
+            lua_pushvalue(L, 3);
+            p->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+            p->next = st->pubs;
+            if (st->pubs)
+                st->pubs->prev = p;
+            st->pubs = p;
+            chan_pub_rebind(pending, published_later, p);
+        }
+        lua_pushnil(L);
+        lua_pushliteral(L, "pending");
+        return 2;
+    }
+    if (has_fn) {
+        lua_pushvalue(L, 3);
+        if (now.err) {
+            lua_pushnil(L);
+            lua_pushstring(L, now.err);
+        } else {
+            lua_pushinteger(L, (lua_Integer)now.seq);
+            lua_pushinteger(L, (lua_Integer)now.subscribers);
+        }
+        lua_call(L, 2, 0);
+    }
+    if (now.err) {
+        lua_pushnil(L);
+        lua_pushstring(L, now.err);
+        return 2;
+    }
+    lua_pushinteger(L, (lua_Integer)now.seq);
+    lua_pushinteger(L, (lua_Integer)now.subscribers);
     return 2;
 }
 
@@ -1359,6 +1462,12 @@ void script_unload(struct route *r)
             *pp = st->next;
             break;
         }
+    }
+    while (st->pubs) { /* their outcome has nobody to go to */
+        struct lpub *p = st->pubs;
+        st->pubs = p->next;
+        chan_pub_cancel(p->pub);
+        free(p);
     }
     lua_close(st->L); /* finalizers stop the active timers */
     free(st);

@@ -44,6 +44,29 @@ struct http_req_state {
     char *log_target, *log_referer, *log_agent; /* copies for the access log */
 };
 
+/* A request answered once Redis has answered (c->waits->waiting): a POST /pub to a channel whose
+ * history Redis keeps (the reply carries the seq), or a WebSocket handshake or an event stream
+ * that subscribes to such channels (a subscription starts where Redis says the channel is: the
+ * response goes once Redis has said so for each). The connection reads nothing meanwhile, so
+ * pipelined requests keep their order. */
+enum wait_kind { WAIT_PUBLISH, WAIT_HANDSHAKE, WAIT_STREAM };
+struct waiting {
+    enum wait_kind kind;
+    struct conn *conn;
+    struct http_req_state *rs;  /* what the response and the access log need of the request */
+    struct buf head;            /* HANDSHAKE: the 101 up to its final blank line; STREAM: all */
+    struct buf extra;           /* header lines the answers add (a raw route's X-Herald-*) */
+    uint32_t joins;             /* answers still to come */
+    uint8_t started;            /* every join was asked: the response goes when joins is 0 */
+    struct chan_join **ready;   /* answered: replayed once the response is out */
+    size_t nready, cap;
+    struct buf path, query;     /* HANDSHAKE: for route_open's second call */
+    uint8_t has_query;
+    struct buf list;            /* STREAM: its channels (list_len bytes), then the Last-Event-IDs
+                                   (ids_len bytes) */
+    size_t list_len, ids_len;
+};
+
 static struct ev_loop *loop;
 static struct config *cfg;
 static ev_io listen_io;
@@ -58,6 +81,7 @@ static struct buf out; /* response scratch */
 
 static void on_readable(struct conn *c);
 static void ip_release(struct conn *c);
+static void wait_finish(struct conn *c);
 
 /* --- responses --------------------------------------------------------------------------------- */
 
@@ -232,23 +256,22 @@ static void serve_static(struct conn *c, const struct reply_ctx *rc, const char 
     respond_end(c, rc, 200, size, keep);
 }
 
-/* Publish a complete POST /pub body and answer. */
-static void finish_publish(struct conn *c, const struct reply_ctx *rc, const char *channel,
-                           size_t channel_len, const char *body, size_t len)
+/* What the access log needs of a request, copied to outlive it. */
+static struct http_req_state *rs_for_log(const struct http_request *req)
 {
-    struct chan_msg m = {.channel = channel, .channel_len = channel_len, .data = body, .len = len,
-                         .utf8 = -1, .json = -1};
-    size_t subscribers;
-    uint64_t seq = chan_publish(&m, &subscribers);
-    char reply[CHAN_NAME_MAX + 96];
-    int n = snprintf(reply, sizeof(reply), "{\"channel\":\"%.*s\",\"seq\":%llu,\"subscribers\":%zu}\n",
-                     (int)channel_len, channel, (unsigned long long)seq, subscribers);
-    respond(c, rc, 200, "application/json", reply, (size_t)n, NULL);
+    struct http_req_state *rs = xcalloc(1, sizeof(*rs));
+    rs->minor_version = req->minor_version;
+    rs->log_target = xstrndup(req->target, req->target_len);
+    size_t n;
+    const char *h = http_header_get(req, "referer", &n);
+    rs->log_referer = h ? xstrndup(h, n) : NULL;
+    h = http_header_get(req, "user-agent", &n);
+    rs->log_agent = h ? xstrndup(h, n) : NULL;
+    return rs;
 }
 
-static void req_state_free(struct conn *c)
+static void rs_free(struct http_req_state *rs)
 {
-    struct http_req_state *rs = c->req;
     if (!rs)
         return;
     buf_free(&rs->body);
@@ -256,7 +279,110 @@ static void req_state_free(struct conn *c)
     free(rs->log_referer);
     free(rs->log_agent);
     free(rs);
+}
+
+static void req_state_free(struct conn *c)
+{
+    rs_free(c->req);
     c->req = NULL;
+}
+
+/* The request rs stands for, for a response and the access log (valid while rs is). */
+static void rs_request(const struct http_req_state *rs, const char *method, struct http_request *req)
+{
+    memset(req, 0, sizeof(*req));
+    req->method = method;
+    req->method_len = strlen(method);
+    req->target = rs->log_target;
+    req->target_len = strlen(rs->log_target);
+    req->minor_version = rs->minor_version;
+    if (rs->log_referer)
+        req->headers[req->num_headers++] = (struct http_header){"referer", 7, rs->log_referer,
+                                                                strlen(rs->log_referer)};
+    if (rs->log_agent)
+        req->headers[req->num_headers++] = (struct http_header){"user-agent", 10, rs->log_agent,
+                                                                strlen(rs->log_agent)};
+}
+
+/* The answer to a publish: 200 with its seq, or 503 when it could not be published. */
+static void publish_respond(struct conn *c, const struct reply_ctx *rc, const char *channel,
+                            size_t channel_len, uint64_t seq, size_t subscribers, const char *err)
+{
+    if (err) {
+        char msg[300];
+        snprintf(msg, sizeof(msg), "cannot publish to this channel now: %s", err);
+        respond_json_error(c, rc, 503, msg);
+        return;
+    }
+    char reply[CHAN_NAME_MAX + 96];
+    int n = snprintf(reply, sizeof(reply), "{\"channel\":\"%.*s\",\"seq\":%llu,\"subscribers\":%zu}\n",
+                     (int)channel_len, channel, (unsigned long long)seq, subscribers);
+    respond(c, rc, 200, "application/json", reply, (size_t)n, NULL);
+}
+
+struct publish_now {
+    struct conn *conn;
+    const struct reply_ctx *rc;
+    const char *channel;
+    size_t channel_len;
+    struct waiting *w; /* set by the callback's caller once the answer waits for Redis */
+};
+
+static void waiting_free(struct waiting *w)
+{
+    rs_free(w->rs);
+    buf_free(&w->head);
+    buf_free(&w->extra);
+    buf_free(&w->path);
+    buf_free(&w->query);
+    buf_free(&w->list);
+    free(w->ready);
+    free(w);
+}
+
+/* A publish's outcome, at once (arg: struct publish_now) or from Redis (arg: struct waiting). */
+static void published_now(void *arg, uint64_t seq, size_t subscribers, const char *err)
+{
+    struct publish_now *p = arg;
+    publish_respond(p->conn, p->rc, p->channel, p->channel_len, seq, subscribers, err);
+}
+
+static void published_later(void *arg, uint64_t seq, size_t subscribers, const char *err)
+{
+    struct waiting *w = arg;
+    struct conn *c = w->conn;
+    struct http_request req;
+    rs_request(w->rs, "POST", &req);
+    struct reply_ctx rc = {.req = &req, .keep_alive = w->rs->keep_alive};
+    if (c->waits)
+        c->waits->waiting = NULL;
+    publish_respond(c, &rc, w->rs->channel, w->rs->channel_len, seq, subscribers, err);
+    waiting_free(w);
+    conn_set_awaiting(c, 0); /* pipelined requests go on */
+}
+
+/* Publish a complete POST /pub body and answer (now, or once Redis has numbered it: then rs, the
+ * request's state, is kept for the answer and *kept set). */
+static void finish_publish(struct conn *c, const struct reply_ctx *rc, struct http_req_state *rs,
+                           int *kept)
+{
+    struct chan_msg m = {.channel = rs->channel, .channel_len = rs->channel_len,
+                         .data = rs->body.data ? rs->body.data : "", .len = rs->body.len, .utf8 = -1,
+                         .json = -1};
+    struct publish_now now = {c, rc, rs->channel, rs->channel_len, NULL};
+    struct chan_pub *pending = NULL;
+    *kept = 0;
+    if (chan_publish_cb(&m, c, published_now, &now, &pending) == 0) {
+        struct waiting *w = xcalloc(1, sizeof(*w));
+        w->kind = WAIT_PUBLISH;
+        w->conn = c;
+        w->rs = rs;
+        buf_free(&rs->body); /* Redis has it */
+        conn_waits(c)->waiting = w;
+        chan_pub_rebind(pending, published_later, w);
+        *kept = 1;
+        conn_set_awaiting(c, 1);
+    }
 }
 
 /* The body of the request in c->req is complete: publish it. The access log gets the copies made
@@ -264,26 +390,14 @@ static void req_state_free(struct conn *c)
 static void body_complete(struct conn *c)
 {
     struct http_req_state *rs = c->req;
-    struct http_request req = {0};
-    req.method = "POST";
-    req.method_len = 4;
-    req.target = rs->log_target;
-    req.target_len = strlen(rs->log_target);
-    req.minor_version = rs->minor_version;
-    if (rs->log_referer) {
-        req.headers[req.num_headers++] = (struct http_header){"referer", 7, rs->log_referer,
-                                                              strlen(rs->log_referer)};
-    }
-    if (rs->log_agent) {
-        req.headers[req.num_headers++] = (struct http_header){"user-agent", 10, rs->log_agent,
-                                                              strlen(rs->log_agent)};
-    }
+    struct http_request req;
+    rs_request(rs, "POST", &req);
     struct reply_ctx rc = {.req = &req, .keep_alive = rs->keep_alive};
-    c->req = NULL; /* responding may close; the state is freed here either way */
-    finish_publish(c, &rc, rs->channel, rs->channel_len, rs->body.data ? rs->body.data : "",
-                   rs->body.len);
-    c->req = rs;
-    req_state_free(c);
+    c->req = NULL; /* responding may close; the state is freed here either way (or kept waiting) */
+    int kept;
+    finish_publish(c, &rc, rs, &kept);
+    if (!kept)
+        rs_free(rs);
     conn_set_timeout_class(c, CONN_TO_HTTP);
 }
 
@@ -515,8 +629,26 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
                "Sec-WebSocket-Accept: %s\r\n%.*s\r\n",
                accept, (int)headers.len, headers.data ? headers.data : "");
     buf_free(&headers);
-    conn_queue_copy(c, out.data, out.len);
-    access_log(c, req, 101, 0);
+    struct waiting *w = NULL;
+    if (route_waits(r, path, path_len, req->query, req->query_len)) {
+        /* The 101 waits for Redis to say where the channels are; the connection reads nothing
+         * meanwhile. route_open joins them now, and subscribes the rest once the 101 is out. */
+        w = xcalloc(1, sizeof(*w));
+        w->kind = WAIT_HANDSHAKE;
+        w->conn = c;
+        w->rs = rs_for_log(req);
+        buf_append(&w->head, out.data, out.len - 2);
+        buf_append(&w->path, path, path_len);
+        if (req->query) {
+            w->has_query = 1;
+            buf_append(&w->query, req->query, req->query_len);
+        }
+        conn_waits(c)->waiting = w;
+        conn_set_awaiting(c, 1);
+    } else {
+        conn_queue_copy(c, out.data, out.len);
+        access_log(c, req, 101, 0);
+    }
     c->state = CONN_WS;
     c->route = route_ref(r);
     ws_parser_init(&c->wp, WS_ROLE_SERVER, cfg->max_message);
@@ -529,6 +661,84 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
     stats.websockets++;
     c->is_ws = 1;
     route_open(r, c, path, path_len, req->query, req->query_len);
+    if (w && CONN_WAIT(c, waiting) == w) {
+        w->started = 1;
+        wait_finish(c);
+    }
+}
+
+/* --- responses that wait for Redis ----------------------------------------------------------- */
+
+static void sse_subscribe_all(struct conn *c, struct route *r, const char *list, size_t list_len,
+                              const char *ids, size_t ids_len);
+
+/* Every join of c's waiting response is answered: send it, then what the joins replay, then
+ * subscribe the channels numbered here. */
+static void wait_finish(struct conn *c)
+{
+    struct waiting *w = CONN_WAIT(c, waiting);
+    if (!w || !w->started || w->joins)
+        return;
+    c->waits->waiting = NULL;
+    struct http_request req;
+    if (w->kind == WAIT_HANDSHAKE) {
+        buf_append(&w->head, w->extra.data, w->extra.len);
+        buf_append(&w->head, "\r\n", 2);
+        rs_request(w->rs, "GET", &req);
+        conn_queue_copy(c, w->head.data, w->head.len);
+        access_log(c, &req, 101, 0);
+    } else {
+        rs_request(w->rs, "GET", &req);
+        conn_queue_copy(c, w->head.data, w->head.len);
+        access_log(c, &req, 200, 0);
+    }
+    conn_set_awaiting(c, 0);
+    for (size_t i = 0; i < w->nready; i++)
+        chan_join_emit(w->ready[i]);
+    if (w->kind == WAIT_HANDSHAKE)
+        route_open(c->route, c, w->path.data, w->path.len, w->has_query ? w->query.data : NULL,
+                   w->query.len);
+    else
+        sse_subscribe_all(c, c->route, w->list.data, w->list_len, w->list.data + w->list_len,
+                          w->ids_len);
+    waiting_free(w);
+}
+
+static void wait_joined(struct conn *c, struct chan_join *j, const struct chan_join_result *r, void *arg)
+{
+    struct waiting *w = CONN_WAIT(c, waiting);
+    if (!w)
+        return; /* cannot be: the subscription goes with the connection */
+    if (arg && !r->err) {
+        buf_printf(&w->extra, "X-Herald-Epoch: %s\r\nX-Herald-Seq: %llu\r\n", r->epoch ? r->epoch : "",
+                   (unsigned long long)r->seq);
+        if (r->recovered >= 0)
+            buf_printf(&w->extra, "X-Herald-Recovered: %s\r\n", r->recovered ? "true" : "false");
+    }
+    if (j) {
+        if (w->nready == w->cap) {
+            w->cap = w->cap ? 2 * w->cap : 4;
+            w->ready = xrealloc(w->ready, w->cap * sizeof(*w->ready));
+        }
+        w->ready[w->nready++] = j;
+    }
+    w->joins--;
+    wait_finish(c);
+}
+
+void server_join(struct conn *c, const char *name, size_t len, int64_t since, const char *ep,
+                 size_t ep_len, int raw_headers)
+{
+    struct waiting *w = CONN_WAIT(c, waiting);
+    struct chan_join_result now;
+    int rc = chan_subscribe_from(c, name, len, since, ep, ep_len, 1, wait_joined,
+                                 raw_headers ? (void *)1 : NULL, &now);
+    if (rc == CHAN_JOINING)
+        w->joins++;
+    else if (rc >= 0 && raw_headers && now.epoch) { /* numbered here after all */
+        w->joins++;
+        wait_joined(c, NULL, &now, (void *)1);
+    }
 }
 
 /* --- Server-Sent Events ------------------------------------------------------------------------- */
@@ -539,7 +749,54 @@ struct sse_ctx {
     const char *why;
     int status;
     int subscribe; /* second pass: subscribe rather than check */
+    const char *ids;  /* Last-Event-IDs, comma-separated epoch:channel:seq; NULL when none */
+    size_t ids_len;
+    int waiting; /* the head waits: join the channels Redis numbers, only */
 };
+
+/* Find, among ids (comma-separated Last-Event-IDs, epoch:channel:seq), the one of channel name:
+ * 1 with its seq and epoch, or 0 when there is none (or it is malformed: the stream then goes on
+ * live for that channel). */
+static int sse_find_id(const char *ids, size_t ids_len, const char *name, size_t len, int64_t *since,
+                       const char **ep, size_t *ep_len)
+{
+    size_t start = 0;
+    for (size_t i = 0; i <= ids_len; i++) {
+        if (i < ids_len && ids[i] != ',')
+            continue;
+        const char *id = ids + start;
+        size_t idlen = i - start;
+        start = i + 1;
+        const char *c1 = memchr(id, ':', idlen), *c2 = NULL;
+        for (const char *p = id + idlen; c1 && p-- > c1;)
+            if (*p == ':') {
+                c2 = p;
+                break;
+            }
+        if (!c1 || !c2 || c2 == c1 || (size_t)(c2 - c1 - 1) != len || memcmp(c1 + 1, name, len) != 0)
+            continue;
+        char seqtext[24];
+        size_t sl = (size_t)(id + idlen - c2 - 1);
+        if (!sl || sl >= sizeof(seqtext) || c2[1] < '0' || c2[1] > '9')
+            return 0;
+        memcpy(seqtext, c2 + 1, sl);
+        seqtext[sl] = 0;
+        char *end;
+        unsigned long long v = strtoull(seqtext, &end, 10);
+        if (*end || v > INT64_MAX)
+            return 0;
+        *since = (int64_t)v;
+        *ep = id;
+        *ep_len = (size_t)(c1 - id);
+        return 1;
+    }
+    return 0;
+}
+
+static int sse_numbered(const char *name, size_t len, void *arg)
+{
+    return len && chan_numbered_elsewhere(name, len);
+}
 
 static int sse_channel(const char *name, size_t len, void *arg)
 {
@@ -547,7 +804,21 @@ static int sse_channel(const char *name, size_t len, void *arg)
     if (!len)
         return 0; /* /sse/?channels=... has an empty path part */
     if (x->subscribe) {
-        chan_subscribe(x->c, name, len);
+        /* A channel a Last-Event-ID names replays what came after it (from Redis, when it keeps
+         * the channel's history: first, before the head goes). */
+        int64_t since = -1;
+        const char *ep = NULL;
+        size_t ep_len = 0;
+        int resume = x->ids && sse_find_id(x->ids, x->ids_len, name, len, &since, &ep, &ep_len);
+        if (x->waiting) {
+            if (chan_numbered_elsewhere(name, len))
+                server_join(x->c, name, len, since, ep, ep_len, 0);
+            return 0;
+        }
+        struct chan_join_result now;
+        int rc = chan_subscribe_from(x->c, name, len, since, ep, ep_len, 1, NULL, NULL, &now);
+        if (resume && rc == CHAN_JOINED && now.recovered == 1)
+            chan_replay(x->c, name, len, (uint64_t)since);
         return 0;
     }
     if (!chan_name_valid(name, len, &x->why)) {
@@ -573,59 +844,6 @@ static int each_name(const char *list, size_t len, int (*fn)(const char *, size_
             start = i + 1;
         }
     }
-    return 0;
-}
-
-/* Is name one of the comma-separated names in list? */
-static int in_list(const char *list, size_t list_len, const char *name, size_t len)
-{
-    size_t start = 0;
-    for (size_t i = 0; i <= list_len; i++) {
-        if (i == list_len || list[i] == ',') {
-            if (i - start == len && memcmp(list + start, name, len) == 0)
-                return 1;
-            start = i + 1;
-        }
-    }
-    return 0;
-}
-
-struct sse_resume_ctx {
-    struct conn *c;
-    const struct buf *channels; /* the stream's channels, comma-separated */
-};
-
-/* One Last-Event-ID, epoch:channel:seq: replay what the channel's history holds after seq, if it
- * reaches back that far in this epoch and the stream is on that channel. Anything else is ignored
- * (the stream goes on live). */
-static int sse_resume(const char *id, size_t idlen, void *arg)
-{
-    struct sse_resume_ctx *x = arg;
-    const char *c1 = memchr(id, ':', idlen);
-    const char *c2 = NULL;
-    for (const char *p = id + idlen; c1 && p-- > c1;)
-        if (*p == ':') {
-            c2 = p;
-            break;
-        }
-    if (!c1 || !c2 || c2 == c1)
-        return 0;
-    char seqtext[24];
-    size_t sl = (size_t)(id + idlen - c2 - 1);
-    if (!sl || sl >= sizeof(seqtext))
-        return 0;
-    memcpy(seqtext, c2 + 1, sl);
-    seqtext[sl] = 0;
-    char *end;
-    unsigned long long since = strtoull(seqtext, &end, 10);
-    const char *name = c1 + 1;
-    size_t nlen = (size_t)(c2 - c1 - 1);
-    uint64_t last;
-    const char *why;
-    if (!*end && seqtext[0] >= '0' && seqtext[0] <= '9' && chan_name_valid(name, nlen, &why) &&
-        in_list(x->channels->data, x->channels->len, name, nlen) &&
-        chan_recover(name, nlen, since, id, (size_t)(c1 - id), &last) == 1)
-        chan_replay(x->c, name, nlen, since);
     return 0;
 }
 
@@ -698,16 +916,8 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
     else if (!r->norigins)
         buf_append_str(&out, "Access-Control-Allow-Origin: *\r\n");
     buf_printf(&out, "\r\nretry: 2000\n: herald epoch %s\n\n", chan_epoch());
-    conn_queue_copy(c, out.data, out.len);
-    access_log(c, req, 200, 0);
-    c->state = CONN_SSE;
-    c->route = route_ref(r);
-    conn_set_timeout_class(c, CONN_TO_WS);
-    stats.sse_streams++;
-    c->is_ws = 2; /* counted in sse_streams */
-    x.subscribe = 1;
-    each_name(list.data, list.len, sse_channel, &x);
-    /* Resume: epoch:channel:seq, or a comma-separated list of such ids, one per channel. */
+    /* Resume: epoch:channel:seq, or a comma-separated list of such ids, one per channel (an
+     * EventSource's own Last-Event-ID names only the channel whose event came last). */
     size_t idlen = 0;
     const char *id = http_header_get(req, "last-event-id", &idlen);
     char *ids = NULL;
@@ -717,11 +927,52 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
         id = ids;
         idlen = n > 0 ? (size_t)n : 0;
     }
-    struct sse_resume_ctx rx = {.c = c, .channels = &list};
-    if (id)
-        each_name(id, idlen, sse_resume, &rx);
+    x.ids = id && idlen ? id : NULL;
+    x.ids_len = idlen;
+    c->state = CONN_SSE;
+    c->route = route_ref(r);
+    conn_set_timeout_class(c, CONN_TO_WS);
+    stats.sse_streams++;
+    c->is_ws = 2; /* counted in sse_streams */
+    if (each_name(list.data, list.len, sse_numbered, NULL)) {
+        /* Channels whose history Redis keeps: the stream starts once Redis has said where each
+         * is, so that nothing published after the head is missed. */
+        struct waiting *w = xcalloc(1, sizeof(*w));
+        w->kind = WAIT_STREAM;
+        w->conn = c;
+        w->rs = rs_for_log(req);
+        buf_append(&w->head, out.data, out.len);
+        buf_append(&w->list, list.data, list.len);
+        w->list_len = list.len;
+        if (x.ids) {
+            buf_append(&w->list, x.ids, x.ids_len);
+            w->ids_len = x.ids_len;
+        }
+        conn_waits(c)->waiting = w;
+        conn_set_awaiting(c, 1);
+        x.waiting = 1;
+        x.subscribe = 1;
+        each_name(list.data, list.len, sse_channel, &x);
+        free(ids);
+        buf_free(&list);
+        if (CONN_WAIT(c, waiting) == w) {
+            w->started = 1;
+            wait_finish(c);
+        }
+        return;
+    }
+    conn_queue_copy(c, out.data, out.len);
+    access_log(c, req, 200, 0);
+    sse_subscribe_all(c, r, list.data, list.len, x.ids, x.ids_len);
     free(ids);
     buf_free(&list);
+}
+
+static void sse_subscribe_all(struct conn *c, struct route *r, const char *list, size_t list_len,
+                              const char *ids, size_t ids_len)
+{
+    struct sse_ctx x = {.r = r, .c = c, .subscribe = 1, .ids = ids_len ? ids : NULL, .ids_len = ids_len};
+    each_name(list, list_len, sse_channel, &x);
 }
 
 /* --- HTTP requests ------------------------------------------------------------------------------ */
@@ -809,7 +1060,7 @@ done:
 static size_t process_http(struct conn *c, char *data, size_t len)
 {
     size_t off = 0;
-    while (off < len && c->state == CONN_HTTP) {
+    while (off < len && c->state == CONN_HTTP && !c->awaiting) {
         if (!c->req && c->q_bytes > conn_get_limits()->send_queue) {
             /* Pipelining faster than it reads the answers: serve the rest once they are out. */
             conn_pause_reading(c);
@@ -1002,6 +1253,8 @@ static ssize_t read_some(struct conn *c, uint8_t *buf, size_t room)
 
 static void on_readable(struct conn *c)
 {
+    if (c->awaiting)
+        return; /* an answer waits for Redis: what follows is read after it */
     uint8_t *buf = conn_read_buffer();
     size_t have = 0;
     if (c->pending) {
@@ -1035,6 +1288,10 @@ static void on_readable(struct conn *c)
 
 static void on_timeout(struct conn *c)
 {
+    if (c->awaiting) { /* waiting for Redis, not idle: an outage fails it when the link goes */
+        conn_touch(c);
+        return;
+    }
     switch (c->state) {
     case CONN_HTTP:
         if (c->q_len) { /* still sending a response: not idle */
@@ -1074,6 +1331,12 @@ static void on_timeout(struct conn *c)
  * script. */
 static void on_detach(struct conn *c, uint16_t code, const char *reason)
 {
+    route_detach(c);
+    if (CONN_WAIT(c, waiting)) { /* its publish or join is cancelled below */
+        waiting_free(c->waits->waiting);
+        c->waits->waiting = NULL;
+        c->awaiting = 0;
+    }
     chan_unsubscribe_all(c);
     route_closed(c, code, reason);
     if (c->state == CONN_DEAD && c->ip_counted)
@@ -1390,7 +1653,9 @@ void server_reload(struct config *c)
 
 static void close_for_shutdown(struct conn *c, void *arg)
 {
-    if (c->state == CONN_WS)
+    if (c->state == CONN_WS && c->awaiting) /* its 101 is not out: nothing to close politely */
+        conn_close_now(c);
+    else if (c->state == CONN_WS)
         conn_ws_close(c, WS_CLOSE_GOING_AWAY, "server shutting down");
     else if (c->state == CONN_HTTP && !c->q_len && !c->req)
         conn_close_now(c);

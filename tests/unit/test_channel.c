@@ -1,6 +1,7 @@
 /* Unit tests of channel.c and conn.c: name validation, and fan-out driven over socket pairs with
  * the peer side parsed by the client-role frame parser. */
 #include "channel.h"
+#include "config.h"
 #include "conn.h"
 #include "deflate.h"
 #include "route.h"
@@ -659,6 +660,254 @@ static void test_presence_slow_member(struct route *raw)
     conn_set_limits(&saved);
 }
 
+/* --- channels numbered by the observer (Redis, in mirror mode), with a scripted observer --- */
+
+static struct chan_pub *obs_pubs[16];
+static int obs_npubs;
+static struct chan_fetch *obs_fetches[16];
+static int obs_nfetches;
+static int obs_down; /* refuse what does not wait */
+
+static int obs_number(struct chan_pub *p, const struct chan_msg *m, size_t length, double age,
+                      const char **err, void *arg)
+{
+    if (obs_down) {
+        *err = "down";
+        return -1;
+    }
+    obs_pubs[obs_npubs++] = p;
+    return 0;
+}
+
+static int obs_fetch(struct chan_fetch *f, void *arg)
+{
+    if (obs_down && !f->wait)
+        return -1;
+    obs_fetches[obs_nfetches++] = f;
+    return 0;
+}
+
+/* Take the oldest fetch the observer was asked. */
+static struct chan_fetch *next_fetch(void)
+{
+    CHECK(obs_nfetches > 0);
+    struct chan_fetch *f = obs_fetches[0];
+    memmove(obs_fetches, obs_fetches + 1, --obs_nfetches * sizeof(*obs_fetches));
+    return f;
+}
+
+static void numbered(const char *channel, const char *epoch, uint64_t seq, const char *text)
+{
+    struct chan_msg m = {.channel = channel, .channel_len = strlen(channel), .data = text,
+                         .len = strlen(text), .utf8 = -1, .json = -1, .remote = 1, .seq = seq,
+                         .epoch = epoch};
+    chan_publish_numbered(&m);
+}
+
+static void answer(struct chan_fetch *f, const char *epoch, uint64_t last, int recovered,
+                   const char *const *texts, uint64_t first)
+{
+    struct chan_fetch_entry e[8];
+    size_t n = 0;
+    for (; texts && texts[n]; n++)
+        e[n] = (struct chan_fetch_entry){.seq = first + n, .data = texts[n], .len = strlen(texts[n])};
+    struct chan_fetch_result r = {.epoch = epoch, .last = last, .recovered = recovered, .n = n,
+                                  .entries = e};
+    chan_fetch_reply(f, &r);
+}
+
+struct joined {
+    int calls;
+    struct chan_join *j;
+    uint64_t seq;
+    int recovered;
+    const char *err;
+    int emit; /* emit at once */
+};
+
+static void on_joined(struct conn *c, struct chan_join *j, const struct chan_join_result *r, void *arg)
+{
+    struct joined *x = arg;
+    x->calls++;
+    x->j = j;
+    x->seq = r->seq;
+    x->recovered = r->recovered;
+    x->err = r->err;
+    if (j && x->emit)
+        chan_join_emit(j);
+}
+
+struct pubbed {
+    int calls;
+    uint64_t seq;
+    const char *err;
+};
+
+static void on_pubbed(void *arg, uint64_t seq, size_t subscribers, const char *err)
+{
+    struct pubbed *p = arg;
+    p->calls++;
+    p->seq = seq;
+    p->err = err;
+}
+
+static void test_numbered(struct route *raw)
+{
+    struct config_history rule = {.prefix = "h:", .length = 100, .age = 0};
+    chan_set_history(&rule, 1);
+    static const struct chan_observer obs = {.number = obs_number, .fetch = obs_fetch};
+    chan_set_observer(&obs);
+    struct chan_rstats rs;
+    char got[4096];
+    struct peer a, b;
+    peer_open(&a, raw);
+    peer_open(&b, raw);
+
+    /* Publishing hands the message over; the seq comes back later. */
+    struct pubbed pb = {0};
+    struct chan_msg m = {.channel = "h:a", .channel_len = 3, .data = "x", .len = 1, .utf8 = -1, .json = -1};
+    CHECK_EQ(chan_publish_cb(&m, NULL, on_pubbed, &pb, NULL), 0);
+    CHECK_EQ(pb.calls, 0);
+    CHECK_EQ(obs_npubs, 1);
+    chan_pub_numbered(obs_pubs[--obs_npubs], 1, "e1", NULL);
+    CHECK(pb.calls == 1 && pb.seq == 1 && !pb.err);
+    CHECK_EQ(chan_publish(&m, NULL), 0); /* handed over too, with nobody to tell */
+    chan_pub_numbered(obs_pubs[--obs_npubs], 2, "e1", NULL);
+    obs_down = 1;
+    CHECK_EQ(chan_publish_cb(&m, NULL, on_pubbed, &pb, NULL), 1);
+    CHECK(pb.calls == 2 && pb.err && strcmp(pb.err, "down") == 0);
+    obs_down = 0;
+    numbered("h:a", "e1", 1, "x"); /* nobody subscribes yet */
+    numbered("h:a", "e1", 2, "x");
+
+    /* A join answered before its mark: the reply, the replay, then live from the mark on. */
+    struct joined ja = {.emit = 1};
+    struct chan_join_result now;
+    CHECK_EQ(chan_subscribe_from(a.conn, "h:a", 3, 1, "e1", 2, 0, on_joined, &ja, &now), CHAN_JOINING);
+    struct chan_fetch *f = next_fetch();
+    CHECK(f->kind == CHAN_FETCH_JOIN && f->since == 1 && strcmp(f->epoch, "e1") == 0);
+    numbered("h:a", "e1", 3, "three"); /* before the fetch ran: in its replay */
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 0);
+    static const char *const two_three[] = {"two", "three", NULL};
+    answer(f, "e1", 3, 1, two_three, 2);
+    CHECK(ja.calls == 1 && ja.seq == 3 && ja.recovered == 1);
+    numbered("h:a", "e1", 3, "three"); /* still arriving before the mark: not again */
+    chan_fetch_marker(f, "e1", 3);
+    numbered("h:a", "e1", 4, "four");
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 3);
+    CHECK(strcmp(got, "two|three|four|") == 0);
+
+    /* The channel is heard now: a new subscription starts at once. */
+    CHECK_EQ(chan_subscribe_from(b.conn, "h:a", 3, -1, NULL, 0, 0, on_joined, &ja, &now), CHAN_JOINED);
+    CHECK(now.seq == 4 && strcmp(now.epoch, "e1") == 0 && now.recovered == -1);
+    chan_unsubscribe(b.conn, "h:a", 3);
+
+    /* A mark before its answer holds the channel's live messages until the answer is out. */
+    struct joined jb = {0};
+    CHECK_EQ(chan_subscribe_from(b.conn, "h:a", 3, 2, "other", 5, 0, on_joined, &jb, &now), CHAN_JOINING);
+    f = next_fetch();
+    chan_fetch_marker(f, "e1", 4);
+    numbered("h:a", "e1", 5, "five");
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 0); /* held */
+    chan_rstats_get(&rs);
+    CHECK_EQ(rs.held, 1);
+    answer(f, "e1", 4, 0, NULL, 0);
+    CHECK(jb.calls == 1 && jb.recovered == 0 && jb.seq == 4);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 0); /* not emitted yet: still held */
+    chan_join_emit(jb.j);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 1);
+    CHECK(strcmp(got, "five|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 1);
+    CHECK(strcmp(got, "five|") == 0);
+    chan_unsubscribe(b.conn, "h:a", 3);
+
+    /* A gap in the live stream holds it while the missing ones are fetched. */
+    numbered("h:a", "e1", 8, "eight");
+    f = next_fetch();
+    CHECK(f->kind == CHAN_FETCH_RANGE && f->since == 5 && f->until == 7);
+    numbered("h:a", "e1", 9, "nine");
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 0);
+    static const char *const six_seven[] = {"six", "seven", NULL};
+    answer(f, "e1", 0, -1, six_seven, 6);
+    numbered("h:a", "e1", 7, "seven"); /* late: dropped */
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 4);
+    CHECK(strcmp(got, "six|seven|eight|nine|") == 0);
+    chan_rstats_get(&rs);
+    CHECK(rs.gaps == 1 && rs.duplicates == 1 && rs.missed == 0 && rs.held == 0);
+    /* A gap that cannot be filled is skipped, and counted. */
+    numbered("h:a", "e1", 12, "twelve");
+    chan_fetch_failed(next_fetch(), "gone");
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 1);
+    chan_rstats_get(&rs);
+    CHECK_EQ(rs.missed, 2);
+    /* A new epoch (Redis lost the history): its seqs start again. */
+    numbered("h:a", "e2", 1, "anew");
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 1);
+    CHECK(strcmp(got, "anew|") == 0);
+
+    /* Joins that fail: one that waits for an answer is an error, and the subscription goes. */
+    struct joined jc = {0};
+    CHECK_EQ(chan_subscribe_from(b.conn, "h:new", 5, -1, NULL, 0, 0, on_joined, &jc, &now), CHAN_JOINING);
+    chan_fetch_failed(next_fetch(), "lost");
+    CHECK(jc.calls == 1 && jc.err && !jc.j);
+    CHECK_EQ(chan_unsubscribe(b.conn, "h:new", 5), 0);
+    obs_down = 1;
+    CHECK_EQ(chan_subscribe_from(b.conn, "h:new", 5, -1, NULL, 0, 0, on_joined, &jc, &now),
+             CHAN_UNAVAILABLE);
+    /* One that does not wait for an answer waits for the observer instead. */
+    CHECK_EQ(chan_subscribe(b.conn, "h:new", 5), 1);
+    obs_down = 0;
+    f = next_fetch();
+    chan_fetch_failed(f, "lost");
+    f = next_fetch(); /* asked again */
+    answer(f, "e3", 0, -1, NULL, 0);
+    chan_fetch_marker(f, "e3", 0);
+    numbered("h:new", "e3", 1, "one");
+    pass();
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 1);
+
+    /* The connection goes while its join and its publish are under way: nothing is told. */
+    struct joined jd = {0};
+    CHECK_EQ(chan_subscribe_from(b.conn, "h:gone", 6, -1, NULL, 0, 0, on_joined, &jd, &now), CHAN_JOINING);
+    struct chan_msg g = {.channel = "h:gone", .channel_len = 6, .data = "y", .len = 1, .utf8 = -1, .json = -1};
+    struct pubbed pg = {0};
+    CHECK_EQ(chan_publish_cb(&g, b.conn, on_pubbed, &pg, NULL), 0);
+    f = next_fetch();
+    chan_fetch_marker(f, "e4", 0); /* holds h:gone for it */
+    conn_close_now(b.conn);
+    pass();
+    numbered("h:gone", "e4", 1, "y"); /* not held any more */
+    answer(f, "e4", 0, -1, NULL, 0);
+    chan_pub_numbered(obs_pubs[--obs_npubs], 1, "e4", NULL);
+    CHECK(jd.calls == 0 && pg.calls == 0);
+    chan_rstats_get(&rs);
+    CHECK(rs.joining == 0 && rs.held == 0);
+
+    /* Without the observer the channels are numbered here again. */
+    chan_unsubscribe(a.conn, "h:a", 3);
+    chan_set_observer(NULL);
+    CHECK_EQ(chan_numbered_elsewhere("h:a", 3), 0);
+    chan_subscribe(a.conn, "h:a", 3);
+    m.seq = 0;
+    CHECK(chan_publish(&m, NULL) > 0);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 1);
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+    close(b.fd);
+    chan_set_history(NULL, 0);
+}
+
 int main(void)
 {
     loop = ev_default_loop(0);
@@ -674,6 +923,7 @@ int main(void)
     test_pattern_deflate();
     test_presence(raw);
     test_presence_slow_member(raw);
+    test_numbered(raw);
     route_unref(raw);
     return TEST_REPORT();
 }
