@@ -541,8 +541,10 @@ def test_resuming_client_counts_every_message(herald_factory, redis_server):
     a = node(herald_factory, redis_server)
     b = node(herald_factory, redis_server)
     total = 1500
+    subscribed = asyncio.Event()  # the client's first subscription comes before any message
 
     async def publisher():
+        await subscribed.wait()
         async with ws_connect(a) as pa, ws_connect(b) as pb:
             for i in range(0, total, 10):
                 ws = (pa, pb)[(i // 10) % 2]
@@ -562,6 +564,7 @@ def test_resuming_client_counts_every_message(herald_factory, redis_server):
                 r = await subscribe(ws, "h:count")
                 epoch = r["epoch"]
                 assert r["seq"] == 0
+                subscribed.set()
             else:
                 r = await subscribe(ws, "h:count", since=len(seen), epoch=epoch)
                 assert r["op"] == "subscribed" and r["recovered"] is True, r
