@@ -7,6 +7,7 @@
  * the loader never crashes or leaks whatever the chunk does (metatables on its tables included),
  * fails with exactly one line that names the file, and a configuration it accepts holds only
  * values within their documented ranges. */
+#include "fuzz.h"
 #include "channel.h"
 #include "config.h"
 #include "route.h"
@@ -16,57 +17,50 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ASSERT(cond)                                                                       \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "%s:%d: assertion failed: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                       \
-        }                                                                                  \
-    } while (0)
 
 static void check_accepted(const struct config *cfg)
 {
     const char *why;
-    ASSERT(cfg->host && cfg->port >= 1 && cfg->port <= 65535);
-    ASSERT(cfg->max_message >= 16 && cfg->send_queue >= 1024);
-    ASSERT(cfg->max_connections >= 1 && cfg->max_connections_per_ip >= 1);
-    ASSERT(cfg->max_subscriptions >= 1 && cfg->message_rate >= 1);
-    ASSERT(cfg->max_head >= 1024 && cfg->max_head <= 65536);
-    ASSERT(cfg->max_headers >= 1 && cfg->max_headers <= 64);
-    ASSERT(cfg->ping_interval > 0 && cfg->http_timeout > 0 && cfg->close_timeout > 0);
-    ASSERT(cfg->channel_ttl >= 0);
-    ASSERT(!cfg->jwt_secret || strlen(cfg->jwt_secret) >= 16);
-    ASSERT(!cfg->publish_token || cfg->publish_token[0]);
+    REQUIRE(cfg->host && cfg->port >= 1 && cfg->port <= 65535);
+    REQUIRE(cfg->max_message >= 16 && cfg->send_queue >= 1024);
+    REQUIRE(cfg->max_connections >= 1 && cfg->max_connections_per_ip >= 1);
+    REQUIRE(cfg->max_subscriptions >= 1 && cfg->message_rate >= 1);
+    REQUIRE(cfg->max_head >= 1024 && cfg->max_head <= 65536);
+    REQUIRE(cfg->max_headers >= 1 && cfg->max_headers <= 64);
+    REQUIRE(cfg->ping_interval > 0 && cfg->http_timeout > 0 && cfg->close_timeout > 0);
+    REQUIRE(cfg->channel_ttl >= 0);
+    REQUIRE(!cfg->jwt_secret || strlen(cfg->jwt_secret) >= 16);
+    REQUIRE(!cfg->publish_token || cfg->publish_token[0]);
     for (size_t i = 0; i < cfg->nroutes; i++) {
         const struct route *r = cfg->routes[i];
-        ASSERT(r && r->path && r->path[0] == '/' && r->path_len == strlen(r->path));
-        ASSERT(r->kind >= ROUTE_PUBSUB && r->kind <= ROUTE_SSE);
-        ASSERT(r->prefix == (r->path[r->path_len - 1] == '/'));
+        REQUIRE(r && r->path && r->path[0] == '/' && r->path_len == strlen(r->path));
+        REQUIRE(r->kind >= ROUTE_PUBSUB && r->kind <= ROUTE_SSE);
+        REQUIRE(r->prefix == (r->path[r->path_len - 1] == '/'));
         if (r->kind == ROUTE_RAW || r->kind == ROUTE_SSE)
-            ASSERT(r->prefix);
-        ASSERT((r->kind == ROUTE_SCRIPT) <= (r->script != NULL));
-        ASSERT(!(r->kind == ROUTE_ECHO && r->script));
-        ASSERT(!r->require_token || cfg->jwt_secret);
-        ASSERT(!r->script_state); /* loading a configuration runs no route script */
+            REQUIRE(r->prefix);
+        REQUIRE((r->kind == ROUTE_SCRIPT) <= (r->script != NULL));
+        REQUIRE(!(r->kind == ROUTE_ECHO && r->script));
+        REQUIRE(!r->require_token || cfg->jwt_secret);
+        REQUIRE(!r->script_state); /* loading a configuration runs no route script */
         for (size_t j = 0; j < r->norigins; j++)
-            ASSERT(r->origins[j]);
+            REQUIRE(r->origins[j]);
         for (size_t j = 0; j < i; j++)
-            ASSERT(strcmp(cfg->routes[j]->path, r->path) != 0);
+            REQUIRE(strcmp(cfg->routes[j]->path, r->path) != 0);
     }
     if (cfg->redis) {
-        ASSERT(cfg->redis->host && cfg->redis->port >= 1 && cfg->redis->port <= 65535);
+        REQUIRE(cfg->redis->host && cfg->redis->port >= 1 && cfg->redis->port <= 65535);
         for (size_t i = 0; i < cfg->redis->nchannels; i++)
-            ASSERT(chan_name_valid(cfg->redis->channels[i], strlen(cfg->redis->channels[i]), &why));
-        ASSERT(cfg->redis->reconnect_min <= cfg->redis->reconnect_max);
+            REQUIRE(chan_name_valid(cfg->redis->channels[i], strlen(cfg->redis->channels[i]), &why));
+        REQUIRE(cfg->redis->reconnect_min <= cfg->redis->reconnect_max);
     }
     for (size_t i = 0; i < cfg->ntails; i++) {
-        ASSERT(cfg->tails[i].path && cfg->tails[i].channel);
-        ASSERT(chan_name_valid(cfg->tails[i].channel, strlen(cfg->tails[i].channel), &why));
+        REQUIRE(cfg->tails[i].path && cfg->tails[i].channel);
+        REQUIRE(chan_name_valid(cfg->tails[i].channel, strlen(cfg->tails[i].channel), &why));
     }
     if (cfg->tls)
-        ASSERT(cfg->tls->cert && cfg->tls->key && cfg->tls->port >= 1 && cfg->tls->port <= 65535);
+        REQUIRE(cfg->tls->cert && cfg->tls->key && cfg->tls->port >= 1 && cfg->tls->port <= 65535);
     for (size_t i = 0; i < cfg->nhistory; i++)
-        ASSERT(cfg->history[i].prefix && cfg->history[i].length >= 1);
+        REQUIRE(cfg->history[i].prefix && cfg->history[i].length >= 1);
 }
 
 /* Every input makes a Lua state of its own, whose allocations come from many places: a small
@@ -85,10 +79,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rc == 0) {
         check_accepted(&cfg);
     } else {
-        ASSERT(rc == -1);
-        ASSERT(strncmp(err, "fuzz.lua", 8) == 0 && strlen(err) > 9);
+        REQUIRE(rc == -1);
+        REQUIRE(strncmp(err, "fuzz.lua", 8) == 0 && strlen(err) > 9);
         for (const char *p = err; *p; p++)
-            ASSERT(*p != '\n' && *p != '\r');
+            REQUIRE(*p != '\n' && *p != '\r');
     }
     config_free(&cfg);
     return 0;

@@ -4,6 +4,7 @@
  * Input: byte 0 picks the piece size (low 3 bits), text (bit 3), no context takeover (bit 4) and
  * max (top 3 bits); byte 1 the window sizes and level, and (bit 7) a round trip; the rest is the
  * data: an offer list, and the payload of two compressed messages in a row. */
+#include "fuzz.h"
 #include "deflate.h"
 #include "ws.h"
 
@@ -11,13 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define REQUIRE(cond)                                                                              \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, #cond);                             \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 static void check_negotiate(const uint8_t *data, size_t len)
 {

@@ -1,16 +1,11 @@
 /* fuzz_http.c - libFuzzer driver for http.c: request heads under two sets of limits, prefix
  * consistency, the helpers on what was parsed, and the chunked decoder fed whole and in pieces. */
+#include "fuzz.h"
 #include "http.h"
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define ASSERT(c)         \
-    do {                  \
-        if (!(c))         \
-            abort();      \
-    } while (0)
 
 static int within(const char *p, size_t n, const char *lo, const char *hi)
 {
@@ -21,37 +16,37 @@ static int within(const char *p, size_t n, const char *lo, const char *hi)
 static void check_request(const char *buf, int r, const struct http_limits *l, const struct http_request *req)
 {
     const char *end = buf + r;
-    ASSERT((size_t)r == req->head_len && (size_t)r <= l->max_head);
-    ASSERT(req->num_headers <= l->max_headers && req->num_headers <= HTTP_MAX_HEADERS);
-    ASSERT(within(req->method, req->method_len, buf, end) && req->method_len > 0);
-    ASSERT(within(req->target, req->target_len, buf, end) && req->target[0] == '/');
-    ASSERT(req->path == req->target && req->path_len <= req->target_len);
+    REQUIRE((size_t)r == req->head_len && (size_t)r <= l->max_head);
+    REQUIRE(req->num_headers <= l->max_headers && req->num_headers <= HTTP_MAX_HEADERS);
+    REQUIRE(within(req->method, req->method_len, buf, end) && req->method_len > 0);
+    REQUIRE(within(req->target, req->target_len, buf, end) && req->target[0] == '/');
+    REQUIRE(req->path == req->target && req->path_len <= req->target_len);
     if (req->query) {
-        ASSERT(req->query == req->path + req->path_len + 1 && req->query[-1] == '?');
-        ASSERT(req->query + req->query_len == req->target + req->target_len);
-        ASSERT(!memchr(req->path, '?', req->path_len));
+        REQUIRE(req->query == req->path + req->path_len + 1 && req->query[-1] == '?');
+        REQUIRE(req->query + req->query_len == req->target + req->target_len);
+        REQUIRE(!memchr(req->path, '?', req->path_len));
     } else {
-        ASSERT(req->path_len == req->target_len && req->query_len == 0);
+        REQUIRE(req->path_len == req->target_len && req->query_len == 0);
     }
-    ASSERT(req->minor_version == 0 || req->minor_version == 1);
-    ASSERT(req->keep_alive == 0 || req->keep_alive == 1);
-    ASSERT(req->content_length >= -1 && req->content_length <= ((int64_t)1 << 53));
-    ASSERT(!(req->chunked && req->content_length >= 0));
+    REQUIRE(req->minor_version == 0 || req->minor_version == 1);
+    REQUIRE(req->keep_alive == 0 || req->keep_alive == 1);
+    REQUIRE(req->content_length >= -1 && req->content_length <= ((int64_t)1 << 53));
+    REQUIRE(!(req->chunked && req->content_length >= 0));
     for (size_t i = 0; i < req->num_headers; i++) {
         const struct http_header *h = &req->headers[i];
-        ASSERT(within(h->name, h->name_len, buf, end) && h->name_len > 0);
-        ASSERT(within(h->value, h->value_len, buf, end));
-        ASSERT(!memchr(h->value, '\r', h->value_len) && !memchr(h->value, '\n', h->value_len));
-        ASSERT(!memchr(h->value, 0, h->value_len));
+        REQUIRE(within(h->name, h->name_len, buf, end) && h->name_len > 0);
+        REQUIRE(within(h->value, h->value_len, buf, end));
+        REQUIRE(!memchr(h->value, '\r', h->value_len) && !memchr(h->value, '\n', h->value_len));
+        REQUIRE(!memchr(h->value, 0, h->value_len));
         if (h->value_len)
-            ASSERT(h->value[0] != ' ' && h->value[h->value_len - 1] != ' ');
+            REQUIRE(h->value[0] != ' ' && h->value[h->value_len - 1] != ' ');
         size_t n;
         char name[256];
         if (h->name_len < sizeof name) {
             memcpy(name, h->name, h->name_len);
             name[h->name_len] = 0;
             const char *v = http_header_get(req, name, &n);
-            ASSERT(v && within(v, n, buf, end));
+            REQUIRE(v && within(v, n, buf, end));
         }
         (void)http_has_token(h->value, h->value_len, "upgrade");
         (void)http_has_token(h->value, h->value_len, "close");
@@ -60,9 +55,9 @@ static void check_request(const char *buf, int r, const struct http_limits *l, c
     /* The decoders never write more than they are given room for. */
     char *out = malloc(req->path_len + 1);
     ssize_t d = http_path_decode(req->path, req->path_len, out);
-    ASSERT(d >= -1 && d <= (ssize_t)req->path_len);
+    REQUIRE(d >= -1 && d <= (ssize_t)req->path_len);
     if (d > 0)
-        ASSERT(!memchr(out, 0, (size_t)d));
+        REQUIRE(!memchr(out, 0, (size_t)d));
     free(out);
     if (req->query) {
         static const char *const keys[] = {"subscribe", "a", "", "x"};
@@ -70,7 +65,7 @@ static void check_request(const char *buf, int r, const struct http_limits *l, c
             for (size_t cap = 0; cap <= 8; cap += 4) {
                 char *q = malloc(cap + 1);
                 ssize_t v = http_query_get(req->query, req->query_len, keys[k], q, cap);
-                ASSERT(v >= -2 && v <= (ssize_t)cap);
+                REQUIRE(v >= -2 && v <= (ssize_t)cap);
                 free(q);
             }
         }
@@ -83,9 +78,9 @@ static int parse(const uint8_t *data, size_t len, const struct http_limits *l, s
     char *buf = malloc(len ? len : 1);
     memcpy(buf, data, len);
     int r = http_parse_request(buf, len, l, req);
-    ASSERT(r >= 0 || r == -400 || r == -414 || r == -431 || r == -501 || r == -505);
+    REQUIRE(r >= 0 || r == -400 || r == -414 || r == -431 || r == -501 || r == -505);
     if (r > 0) {
-        ASSERT((size_t)r <= len);
+        REQUIRE((size_t)r <= len);
         check_request(buf, r, l, req);
     }
     free(buf);
@@ -101,21 +96,21 @@ static void fuzz_head(const uint8_t *data, size_t size)
     int rn = parse(data, size, &normal, &req2);
     /* A head that fits the small limits parses the same under the larger ones, and back. */
     if (rs > 0)
-        ASSERT(rn == rs && req.num_headers == req2.num_headers && req.keep_alive == req2.keep_alive &&
+        REQUIRE(rn == rs && req.num_headers == req2.num_headers && req.keep_alive == req2.keep_alive &&
                req.content_length == req2.content_length && req.chunked == req2.chunked);
     if (rn > 0 && rn <= 64 && req2.num_headers <= 4)
-        ASSERT(rs == rn);
+        REQUIRE(rs == rn);
     if (rn == -400 || rn == -501 || rn == -505)
-        ASSERT(rs < 0); /* the small limits may stop it earlier, never accept it */
+        REQUIRE(rs < 0); /* the small limits may stop it earlier, never accept it */
 
     /* Every byte is judged once seen: a prefix's answer is final unless it asked for more. */
     size_t cuts[] = {size / 2, size ? size - 1 : 0, rn > 0 ? (size_t)rn : 0, rn > 0 ? (size_t)rn - 1 : 0};
     for (size_t i = 0; i < sizeof cuts / sizeof *cuts; i++) {
         int rp = parse(data, cuts[i], &normal, &req);
         if (rp != 0)
-            ASSERT(rp == rn);
+            REQUIRE(rp == rn);
         if (rn == 0)
-            ASSERT(rp == 0);
+            REQUIRE(rp == 0);
     }
 }
 
@@ -141,12 +136,12 @@ static void decode(const uint8_t *data, size_t size, size_t step, struct decoded
         char *piece = malloc(k);
         memcpy(piece, data + off, k);
         d->r = http_chunked_decode(&c, piece, &len, &rest);
-        ASSERT(d->r >= -1 && d->r <= 1);
-        ASSERT(len <= k);
+        REQUIRE(d->r >= -1 && d->r <= 1);
+        REQUIRE(len <= k);
         if (d->r == 1)
-            ASSERT(rest <= k - len);
+            REQUIRE(rest <= k - len);
         else
-            ASSERT(rest == 0);
+            REQUIRE(rest == 0);
         memcpy(d->body + d->body_len, piece, len);
         d->body_len += len;
         off += k;
@@ -160,9 +155,9 @@ static void decode(const uint8_t *data, size_t size, size_t step, struct decoded
             break;
     }
     d->total = c.total;
-    ASSERT(d->total == d->body_len);
+    REQUIRE(d->total == d->body_len);
     if (d->r == 1) /* the framing and body were a prefix of the input, the rest its tail */
-        ASSERT(d->rest_len <= size && memcmp(d->rest, data + size - d->rest_len, d->rest_len) == 0);
+        REQUIRE(d->rest_len <= size && memcmp(d->rest, data + size - d->rest_len, d->rest_len) == 0);
 }
 
 static void fuzz_chunked(const uint8_t *data, size_t size)
@@ -174,9 +169,9 @@ static void fuzz_chunked(const uint8_t *data, size_t size)
     const struct decoded *other[] = {&bytes, &sevens};
     for (size_t i = 0; i < 2; i++) {
         const struct decoded *o = other[i];
-        ASSERT(o->r == whole.r);
-        ASSERT(o->body_len == whole.body_len && memcmp(o->body, whole.body, whole.body_len) == 0);
-        ASSERT(o->rest_len == whole.rest_len && memcmp(o->rest, whole.rest, whole.rest_len) == 0);
+        REQUIRE(o->r == whole.r);
+        REQUIRE(o->body_len == whole.body_len && memcmp(o->body, whole.body, whole.body_len) == 0);
+        REQUIRE(o->rest_len == whole.rest_len && memcmp(o->rest, whole.rest, whole.rest_len) == 0);
     }
     free(whole.body), free(whole.rest), free(bytes.body), free(bytes.rest);
     free(sevens.body), free(sevens.rest);

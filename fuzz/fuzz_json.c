@@ -5,6 +5,7 @@
  * spans and error messages of json_object_scan against the same reference, and checks that
  * json_string_encode always produces valid JSON that decodes back to its input when that input is
  * valid UTF-8. */
+#include "fuzz.h"
 #include "json.h"
 
 #include <stdint.h>
@@ -234,13 +235,6 @@ static int ref_utf8_valid(const uint8_t *d, size_t n)
 
 /* ---- checks ---------------------------------------------------------------------------------- */
 
-#define ASSERT(cond)                                                                       \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "%s:%d: assertion failed: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                       \
-        }                                                                                  \
-    } while (0)
 
 /* The members the /ws handler asks for. */
 static const char *const fuzz_keys[] = {"op", "channel", "data", "id", "since", "epoch",
@@ -268,14 +262,14 @@ static void check_decode(const char *t, size_t n)
     char *out = malloc(n ? n : 1);
     ssize_t m = json_string_decode(t, n, out);
     if (m >= 0) {
-        ASSERT(n >= 2 && (size_t)m <= n - 2);
+        REQUIRE(n >= 2 && (size_t)m <= n - 2);
         struct ref r;
-        ASSERT(ref_valid(&r, (const uint8_t *)t, n) && t[0] == '"');
-        ASSERT(ref_utf8_valid((const uint8_t *)out, (size_t)m));
+        REQUIRE(ref_valid(&r, (const uint8_t *)t, n) && t[0] == '"');
+        REQUIRE(ref_utf8_valid((const uint8_t *)out, (size_t)m));
         char *enc = malloc(JSON_STRING_ENCODED_MAX((size_t)m));
         size_t e = json_string_encode(out, (size_t)m, enc);
         char *back = malloc(e);
-        ASSERT(json_string_decode(enc, e, back) == m && memcmp(back, out, (size_t)m) == 0);
+        REQUIRE(json_string_decode(enc, e, back) == m && memcmp(back, out, (size_t)m) == 0);
         free(back);
         free(enc);
     }
@@ -288,7 +282,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
     struct ref r;
     int want = ref_valid(&r, d, n);
     int got = json_valid(text, n);
-    ASSERT(got == want);
+    REQUIRE(got == want);
 
     /* Object scan. */
     struct json_span v[NKEYS];
@@ -299,58 +293,58 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
         first++;
     int is_object = first < n && d[first] == '{';
     if (json_object_scan(text, n, fuzz_keys, v, NKEYS, &error, error_buf) == 0) {
-        ASSERT(want && is_object);
+        REQUIRE(want && is_object);
         for (size_t i = 0; i < NKEYS; i++) {
             if (v[i].type == JSON_NONE) {
-                ASSERT(v[i].p == NULL && v[i].len == 0);
+                REQUIRE(v[i].p == NULL && v[i].len == 0);
                 continue;
             }
-            ASSERT(v[i].p >= text && v[i].p + v[i].len <= text + n && v[i].len > 0);
-            ASSERT(json_valid(v[i].p, v[i].len));
-            ASSERT(v[i].type == type_of((uint8_t)v[i].p[0]));
+            REQUIRE(v[i].p >= text && v[i].p + v[i].len <= text + n && v[i].len > 0);
+            REQUIRE(json_valid(v[i].p, v[i].len));
+            REQUIRE(v[i].type == type_of((uint8_t)v[i].p[0]));
             /* No whitespace is included around the value. */
-            ASSERT(!ref_ws_byte((uint8_t)v[i].p[v[i].len - 1]));
+            REQUIRE(!ref_ws_byte((uint8_t)v[i].p[v[i].len - 1]));
             if (v[i].type == JSON_STRING)
                 check_decode(v[i].p, v[i].len);
         }
     } else {
-        ASSERT(error != NULL && strlen(error) < 64);
+        REQUIRE(error != NULL && strlen(error) < 64);
         for (size_t i = 0; i < NKEYS; i++)
-            ASSERT(v[i].type == JSON_NONE);
+            REQUIRE(v[i].type == JSON_NONE);
         if (strcmp(error, "not a JSON object") == 0) {
-            ASSERT(!is_object);
+            REQUIRE(!is_object);
         } else if (strcmp(error, "nesting too deep") == 0) {
-            ASSERT(is_object && !want && r.deep);
+            REQUIRE(is_object && !want && r.deep);
         } else if (strncmp(error, "duplicate key \"", 15) == 0) {
-            ASSERT(is_object);
+            REQUIRE(is_object);
         } else {
             unsigned long long at;
-            ASSERT(sscanf(error, "invalid JSON at byte %llu", &at) == 1);
-            ASSERT(is_object && !want && !r.deep);
+            REQUIRE(sscanf(error, "invalid JSON at byte %llu", &at) == 1);
+            REQUIRE(is_object && !want && !r.deep);
             if (r.fuzzy)
-                ASSERT(at >= r.lo && at <= r.i);
+                REQUIRE(at >= r.lo && at <= r.i);
             else
-                ASSERT(at == r.i);
+                REQUIRE(at == r.i);
         }
     }
     /* A valid object fails only on a duplicate key. */
     if (want && is_object && error)
-        ASSERT(strncmp(error, "duplicate key \"", 15) == 0);
+        REQUIRE(strncmp(error, "duplicate key \"", 15) == 0);
 
     /* Encoding anything gives valid JSON, which decodes back to the input if that was UTF-8. */
     char *enc = malloc(JSON_STRING_ENCODED_MAX(n));
     size_t e = json_string_encode(text, n, enc);
-    ASSERT(e >= 2 && e <= JSON_STRING_ENCODED_MAX(n));
-    ASSERT(json_valid(enc, e));
-    ASSERT(ref_valid(&r, (const uint8_t *)enc, e));
-    ASSERT(ref_utf8_valid((const uint8_t *)enc, e));
+    REQUIRE(e >= 2 && e <= JSON_STRING_ENCODED_MAX(n));
+    REQUIRE(json_valid(enc, e));
+    REQUIRE(ref_valid(&r, (const uint8_t *)enc, e));
+    REQUIRE(ref_utf8_valid((const uint8_t *)enc, e));
     char *dec = malloc(e);
     ssize_t m = json_string_decode(enc, e, dec);
-    ASSERT(m >= 0);
+    REQUIRE(m >= 0);
     if (ref_utf8_valid(d, n))
-        ASSERT((size_t)m == n && memcmp(dec, d, n) == 0);
+        REQUIRE((size_t)m == n && memcmp(dec, d, n) == 0);
     else
-        ASSERT((size_t)m != n || memcmp(dec, d, n) != 0);
+        REQUIRE((size_t)m != n || memcmp(dec, d, n) != 0);
     free(dec);
     free(enc);
 

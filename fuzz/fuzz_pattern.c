@@ -4,6 +4,7 @@
  * added to a trie; for every valid channel name the trie's matches, strict and relaxed, must be
  * exactly the patterns the reference matcher accepts, each once; relaxed matching must agree with
  * the pattern's glob; removing the patterns must leave the trie empty. */
+#include "fuzz.h"
 #include "pattern.h"
 
 #include <stdint.h>
@@ -11,13 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ASSERT(cond)                                                                       \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "%s:%d: assertion failed: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                       \
-        }                                                                                  \
-    } while (0)
 
 #define MAX_PATTERNS 32
 
@@ -34,7 +28,7 @@ static size_t npats;
 static void seen_cb(struct pattern_node *n, void *arg)
 {
     struct pat *p = pattern_data(n);
-    ASSERT(p != NULL);
+    REQUIRE(p != NULL);
     p->seen++;
 }
 
@@ -94,7 +88,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
         const char *why = NULL;
         if (!channels) {
             if (!pattern_valid(line, len, &why)) {
-                ASSERT(why && why[0]);
+                REQUIRE(why && why[0]);
                 continue;
             }
             if (npats == MAX_PATTERNS)
@@ -104,7 +98,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
             p->len = len;
             struct pattern_node *found = pattern_find(t, line, len);
             p->node = pattern_add(t, line, len);
-            ASSERT(!found || found == p->node);
+            REQUIRE(!found || found == p->node);
             pattern_set_data(p->node, p); /* duplicates: the last one's */
             continue;
         }
@@ -119,18 +113,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
                 if (pattern_data(p->node) != p)
                     continue; /* a duplicate: counted on the one holding the node */
                 int want = pattern_match1(p->p, p->len, line, len, relaxed);
-                ASSERT(p->seen == want);
+                REQUIRE(p->seen == want);
                 if (relaxed) {
                     char g[PATTERN_MAX + 1];
                     size_t gl = pattern_glob(p->p, p->len, g);
-                    ASSERT(glob(g, gl, line, len) == want);
+                    REQUIRE(glob(g, gl, line, len) == want);
                 }
             }
         }
     }
     for (size_t k = 0; k < npats; k++)
         pattern_remove(t, pats[k].node);
-    ASSERT(pattern_trie_nodes(t) == 0 && pattern_trie_patterns(t) == 0);
+    REQUIRE(pattern_trie_nodes(t) == 0 && pattern_trie_patterns(t) == 0);
     pattern_trie_free(t);
     return 0;
 }

@@ -6,6 +6,7 @@
  * channel name, and spans (id, data) that lie inside the message and are valid JSON themselves; a
  * refused one has a reason; the error reply is valid JSON and valid UTF-8 (it goes out in a text
  * frame) whatever the message held; and a binary message is always refused. */
+#include "fuzz.h"
 #include "buf.h"
 #include "channel.h"
 #include "json.h"
@@ -17,13 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ASSERT(cond)                                                                       \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "%s:%d: assertion failed: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                       \
-        }                                                                                  \
-    } while (0)
 
 static int inside(const struct json_span *s, const char *buf, size_t size)
 {
@@ -40,34 +34,34 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char error_buf[64];
     int rc = pubsub_parse(msg, size, 0, &q, &error, error_buf);
     if (rc == 0) {
-        ASSERT(json_valid(msg, size));
-        ASSERT(q.op == PUBSUB_SUBSCRIBE || q.op == PUBSUB_UNSUBSCRIBE || q.op == PUBSUB_PUBLISH);
-        ASSERT(q.channel_len >= 1 && q.channel_len <= CHAN_NAME_MAX && q.channel[q.channel_len] == 0);
-        ASSERT(chan_name_valid(q.channel, q.channel_len, &why));
+        REQUIRE(json_valid(msg, size));
+        REQUIRE(q.op == PUBSUB_SUBSCRIBE || q.op == PUBSUB_UNSUBSCRIBE || q.op == PUBSUB_PUBLISH);
+        REQUIRE(q.channel_len >= 1 && q.channel_len <= CHAN_NAME_MAX && q.channel[q.channel_len] == 0);
+        REQUIRE(chan_name_valid(q.channel, q.channel_len, &why));
         if (q.op == PUBSUB_PUBLISH) {
-            ASSERT(inside(&q.data, msg, size) && json_valid(q.data.p, q.data.len));
+            REQUIRE(inside(&q.data, msg, size) && json_valid(q.data.p, q.data.len));
         } else {
-            ASSERT(q.data.type == JSON_NONE);
+            REQUIRE(q.data.type == JSON_NONE);
         }
         if (q.op == PUBSUB_SUBSCRIBE) {
-            ASSERT(q.since >= -1);
-            ASSERT(q.epoch_len >= -1 && q.epoch_len <= PUBSUB_EPOCH_MAX);
+            REQUIRE(q.since >= -1);
+            REQUIRE(q.epoch_len >= -1 && q.epoch_len <= PUBSUB_EPOCH_MAX);
         } else {
-            ASSERT(q.since == -1 && q.epoch_len == -1);
+            REQUIRE(q.since == -1 && q.epoch_len == -1);
         }
     } else {
-        ASSERT(rc == -1 && error && error[0] && strlen(error) < 128);
+        REQUIRE(rc == -1 && error && error[0] && strlen(error) < 128);
     }
     if (q.id.type != JSON_NONE)
-        ASSERT(inside(&q.id, msg, size) && json_valid(q.id.p, q.id.len));
+        REQUIRE(inside(&q.id, msg, size) && json_valid(q.id.p, q.id.len));
 
     struct buf reply = {0};
     pubsub_error_reply(&reply, rc ? error : "refused", &q.id);
-    ASSERT(json_valid(reply.data, reply.len));
-    ASSERT(ws_utf8_valid((const uint8_t *)reply.data, reply.len));
+    REQUIRE(json_valid(reply.data, reply.len));
+    REQUIRE(ws_utf8_valid((const uint8_t *)reply.data, reply.len));
     buf_free(&reply);
 
-    ASSERT(pubsub_parse(msg, size, 1, &q, &error, error_buf) == -1 && q.id.type == JSON_NONE);
+    REQUIRE(pubsub_parse(msg, size, 1, &q, &error, error_buf) == -1 && q.id.type == JSON_NONE);
     free(msg);
     return 0;
 }

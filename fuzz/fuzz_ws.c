@@ -3,19 +3,13 @@
  *
  * Input: byte 0 picks the number of piece sizes (low 4 bits, plus one) and max_message (top 3
  * bits); the next bytes are the piece sizes, cycled; the rest is the stream, parsed as a server. */
+#include "fuzz.h"
 #include "ws.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define REQUIRE(cond)                                                                              \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, #cond);                             \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 static uint64_t fnv(uint64_t h, const void *p, size_t len)
 {
