@@ -1009,6 +1009,23 @@ int chan_recover(const char *name, size_t len, uint64_t since, const char *ep, s
     struct history *h = ch->hist;
     return h->count && hist_at(h, 0)->seq <= since + 1;
 }
+/* Send c one message from a channel's past (a replay), encoded for c's route alone: it goes to
+ * this one connection, so it is not batched with the channel's live messages. */
+static void send_past(struct conn *c, struct chan_msg *m)
+{
+    const char *payload;
+    size_t plen;
+    int opcode;
+    if (route_payload(c->route, m, &payload, &plen, &opcode) == 0) {
+        if (opcode == ROUTE_OP_UNFRAMED)
+            conn_queue_copy(c, payload, plen);
+        else
+            conn_send_frame(c, opcode, payload, plen);
+        stats.messages_out++;
+    }
+    free(m->decoded);
+}
+
 
 void chan_replay(struct conn *c, const char *name, size_t len, uint64_t since)
 {
@@ -1023,17 +1040,7 @@ void chan_replay(struct conn *c, const char *name, size_t len, uint64_t since)
         struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len, .data = e->data->data,
                              .len = e->data->len, .is_json = e->is_json, .utf8 = -1, .json = -1,
                              .seq = e->seq};
-        const char *payload;
-        size_t plen;
-        int opcode;
-        if (route_payload(c->route, &m, &payload, &plen, &opcode) == 0) {
-            if (opcode == ROUTE_OP_UNFRAMED)
-                conn_queue_copy(c, payload, plen);
-            else
-                conn_send_frame(c, opcode, payload, plen);
-            stats.messages_out++;
-        }
-        free(m.decoded);
+        send_past(c, &m);
     }
 }
 
@@ -1498,17 +1505,7 @@ static void join_replay(struct chan *ch, struct chan_join *j)
                              .len = e->len, .is_json = e->is_json, .utf8 = (int8_t)(e->is_json ? 1 : -1),
                              .json = (int8_t)(e->is_json ? 1 : -1), .numbered = 1, .epoch = j->epoch,
                              .seq = e->seq};
-        const char *payload;
-        size_t plen;
-        int opcode;
-        if (route_payload(c->route, &m, &payload, &plen, &opcode) == 0) {
-            if (opcode == ROUTE_OP_UNFRAMED)
-                conn_queue_copy(c, payload, plen);
-            else
-                conn_send_frame(c, opcode, payload, plen);
-            stats.messages_out++;
-        }
-        free(m.decoded);
+        send_past(c, &m);
         free(e);
     }
     j->replay_tail = &j->replay;
