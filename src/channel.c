@@ -1009,6 +1009,7 @@ int chan_recover(const char *name, size_t len, uint64_t since, const char *ep, s
     struct history *h = ch->hist;
     return h->count && hist_at(h, 0)->seq <= since + 1;
 }
+
 /* Send c one message from a channel's past (a replay), encoded for c's route alone: it goes to
  * this one connection, so it is not batched with the channel's live messages. */
 static void send_past(struct conn *c, struct chan_msg *m)
