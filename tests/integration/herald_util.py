@@ -5,6 +5,7 @@ Everything here has a bounded timeout; nothing waits forever. Only 127.0.0.1 is 
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -773,3 +774,61 @@ async def http_async(server, method, path, body=None, headers=None):
     """An HTTP request from asyncio code without blocking the loop."""
     return await asyncio.get_running_loop().run_in_executor(
         None, lambda: server.request(method, path, body, headers))
+
+
+# --- Server-Sent Events and signed tokens ---------------------------------------------------------
+
+class EventStream:
+    """A Server-Sent Events stream read from a raw socket: the response head, then events as dicts
+    of their fields (a field given on several lines is joined with newlines)."""
+
+    def __init__(self, port, target, headers=None):
+        self.sock = socket.create_connection((HOST, port), timeout=5)
+        extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items())
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (target, extra)).encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, "closed before the head: %r" % self.buf
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        self.head = head.decode()
+        self.status = int(self.head.split()[1])
+
+    def next_block(self, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while b"\n\n" not in self.buf:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.sock.recv(65536)
+            assert chunk, "stream closed"
+            self.buf += chunk
+        block, self.buf = self.buf.split(b"\n\n", 1)
+        return block.decode()
+
+    def next_event(self, timeout=5.0):
+        """The next block with data (comments and retry skipped): {"id": ..., "data": ...}."""
+        while True:
+            fields = {}
+            for line in self.next_block(timeout).split("\n"):
+                if line.startswith(":"):
+                    continue
+                k, _, v = line.partition(": ")
+                fields[k] = fields[k] + "\n" + v if k in fields else v
+            if "data" in fields:
+                return fields
+
+    def close(self):
+        self.sock.close()
+
+
+JWT_SECRET = "0123456789abcdef-test-secret"
+
+
+def jwt_token(claims, secret=JWT_SECRET, alg="HS256"):
+    """A signed token (JWT) with these claims, as a backend would make one for a browser."""
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = b64(hmac.new(secret.encode(), ("%s.%s" % (head, body)).encode(), hashlib.sha256).digest())
+    return "%s.%s.%s" % (head, body, sig)

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -202,6 +203,57 @@ class RedisServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class SteadyPublisher:
+    """A backend publishing `<prefix><i>` to a Redis channel from a thread, about one message a
+    millisecond, through Redis outages (a PUBLISH whose answer was lost is skipped, never counted).
+    `published` holds (i, receivers) for every PUBLISH Redis answered.
+
+        with SteadyPublisher(redis_server, "news", "n") as pub:
+            ...
+            mark = pub.wait_more(200)   # 200 more answered from here on
+    """
+
+    def __init__(self, server, channel, prefix):
+        self.server, self.channel, self.prefix = server, channel, prefix
+        self.published = []
+        self.stop_event = threading.Event()
+        self.more = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        i = 0
+        while not self.stop_event.is_set():
+            try:
+                with self.server.client(timeout=1.0) as c:
+                    while not self.stop_event.is_set():
+                        n = c.command("PUBLISH", self.channel, "%s%d" % (self.prefix, i))
+                        with self.more:
+                            self.published.append((i, n))
+                            self.more.notify_all()
+                        i += 1
+                        time.sleep(0.001)  # pacing: a steady stream, not a flood
+            except (OSError, ConnectionError, TimeoutError, RedisError):
+                i += 1  # that one may or may not have been published: never counted
+                time.sleep(0.01)  # Redis is down: keep trying
+
+    def wait_more(self, n, timeout=10.0):
+        """Wait until n more PUBLISHes are answered; returns the index in published where they
+        start."""
+        with self.more:
+            mark = len(self.published)
+            if not self.more.wait_for(lambda: len(self.published) >= mark + n, timeout):
+                raise AssertionError("the backend could not publish %d more messages" % n)
+        return mark
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join(10)
 
 
 def redis_settings(server, **extra):

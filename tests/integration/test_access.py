@@ -1,8 +1,5 @@
 """TLS, origin allowlists, signed tokens and the per-client limits."""
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import ssl
 import subprocess
@@ -11,21 +8,7 @@ import time
 import pytest
 import websockets
 
-from herald_util import HOST, RawWS, free_port, herald_bin, Herald, OP_TEXT
-
-SECRET = "0123456789abcdef-test-secret"
-
-
-def b64(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def token(claims, secret=SECRET, alg="HS256"):
-    head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    sig = b64(hmac.new(secret.encode(), ("%s.%s" % (head, body)).encode(), hashlib.sha256).digest())
-    return "%s.%s.%s" % (head, body, sig)
-
+from herald_util import HOST, JWT_SECRET, jwt_token, RawWS, free_port, herald_bin, Herald, OP_TEXT
 
 def run(coro, timeout=15):
     return asyncio.run(asyncio.wait_for(coro, timeout))
@@ -156,7 +139,7 @@ ROUTES = [
 ]
 
 
-@pytest.mark.herald(routes=ROUTES, jwt_secret=SECRET, publish_token="pub-secret")
+@pytest.mark.herald(routes=ROUTES, jwt_secret=JWT_SECRET, publish_token="pub-secret")
 def test_origin_allowlist(herald):
     url = herald.ws_url("/open")
     assert run(open_status(url, origin="http://good.example")) == "open"
@@ -164,24 +147,24 @@ def test_origin_allowlist(herald):
     assert run(open_status(url)) == "open"  # no Origin: not a browser
 
 
-@pytest.mark.herald(routes=ROUTES, jwt_secret=SECRET, publish_token="pub-secret")
+@pytest.mark.herald(routes=ROUTES, jwt_secret=JWT_SECRET, publish_token="pub-secret")
 def test_token_refusals(herald):
     base = herald.ws_url("/sub/news")
     good = {"exp": time.time() + 60, "subscribe": ["news"]}
     assert run(open_status(base)) == 401
-    assert run(open_status(base + "?token=" + token(dict(good, exp=time.time() - 5)))) == 401
-    assert run(open_status(base + "?token=" + token(good, secret="another-secret-entirely"))) == 401
-    assert run(open_status(base + "?token=" + token(good, alg="none"))) == 401
+    assert run(open_status(base + "?token=" + jwt_token(dict(good, exp=time.time() - 5)))) == 401
+    assert run(open_status(base + "?token=" + jwt_token(good, secret="another-secret-entirely"))) == 401
+    assert run(open_status(base + "?token=" + jwt_token(good, alg="none"))) == 401
     assert run(open_status(base + "?token=garbage")) == 401
-    assert run(open_status(herald.ws_url("/sub/other") + "?token=" + token(good))) == 403
-    assert run(open_status(base + "?token=" + token(good))) == "open"
-    assert run(open_status(base, extra_headers={"Authorization": "Bearer " + token(good)})) == "open"
+    assert run(open_status(herald.ws_url("/sub/other") + "?token=" + jwt_token(good))) == 403
+    assert run(open_status(base + "?token=" + jwt_token(good))) == "open"
+    assert run(open_status(base, extra_headers={"Authorization": "Bearer " + jwt_token(good)})) == "open"
     assert herald.stats()["auth_refused"] >= 6
 
 
-@pytest.mark.herald(routes=ROUTES, jwt_secret=SECRET, publish_token="pub-secret")
+@pytest.mark.herald(routes=ROUTES, jwt_secret=JWT_SECRET, publish_token="pub-secret")
 def test_token_grants_on_generic_route(herald):
-    t = token({"exp": time.time() + 60, "subscribe": ["chat:*"], "publish": ["chat:room1"]})
+    t = jwt_token({"exp": time.time() + 60, "subscribe": ["chat:*"], "publish": ["chat:room1"]})
 
     async def go():
         async with websockets.connect(herald.ws_url("/ws") + "?token=" + t) as ws:
@@ -197,11 +180,11 @@ def test_token_grants_on_generic_route(herald):
     run(go())
 
 
-@pytest.mark.herald(routes=ROUTES, jwt_secret=SECRET, publish_token="pub-secret")
+@pytest.mark.herald(routes=ROUTES, jwt_secret=JWT_SECRET, publish_token="pub-secret")
 def test_publish_with_token(herald):
     assert herald.publish("chat:room1", b"x").status == 401
     assert herald.publish("chat:room1", b"x", {"Authorization": "Bearer pub-secret"}).status == 200
-    granted = token({"exp": time.time() + 60, "publish": ["chat:*"]})
+    granted = jwt_token({"exp": time.time() + 60, "publish": ["chat:*"]})
     assert herald.publish("chat:room1", b"x", {"Authorization": "Bearer " + granted}).status == 200
     assert herald.publish("news", b"x", {"Authorization": "Bearer " + granted}).status == 401
 

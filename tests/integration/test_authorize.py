@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-import websockets
 
 from herald_util import (REPO, OP_TEXT, RawHTTP, RawWS, config_text, herald_bin, make_config, recv,
                          recv_json, request, run, ws_connect)

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import socket
-import struct
 import subprocess
 import time
 import zlib
@@ -18,7 +17,7 @@ import pytest
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from herald_util import (HOST, OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, config_text,
-                         encode_frame, herald_bin, make_config, new_key, parse_server_frame, populate,
+                         herald_bin, make_config, new_key, parse_server_frame, populate,
                          recv, run, ws_connect)
 
 MAX = 65536

@@ -2,7 +2,6 @@
 nicknames, who is here), draw (a late joiner gets the picture, clear, bounded history), logstream
 (parsed access-log fields, parsed once per line), countdown (10 .. 1 then BOOM!), dashboard (the
 broker's figures every second)."""
-import asyncio
 import json
 import os
 import signal

@@ -4,11 +4,10 @@ forced disconnects, with no gap and no duplicate."""
 import asyncio
 import json
 import socket
-import time
 
 import pytest
 
-from herald_util import HOST, DEFAULT_ROUTES, RawHTTP, expect_silence, http_async, recv, \
+from herald_util import HOST, DEFAULT_ROUTES, EventStream as Stream, RawHTTP, expect_silence, http_async, recv, \
     recv_json, request, run, ws_connect
 from redis_util import RedisServer, redis_settings
 
@@ -71,43 +70,6 @@ async def publish_everywhere(a, b, channel, start, n):
             else:
                 seqs[i] = (await publish_ws((wa, wb)[way - 2], channel, [i]))[0]
     return seqs
-
-
-class Stream:
-    """An event stream read from a raw socket: events as dicts of their fields."""
-
-    def __init__(self, port, target, headers=None):
-        self.sock = socket.create_connection((HOST, port), timeout=5)
-        extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items())
-        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (target, extra)).encode())
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, "closed before the head: %r" % self.buf
-            self.buf += chunk
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        self.status = int(head.split()[1])
-
-    def next_event(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n\n" not in self.buf:
-                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = self.sock.recv(65536)
-                assert chunk, "stream closed"
-                self.buf += chunk
-            block, self.buf = self.buf.split(b"\n\n", 1)
-            fields = {}
-            for line in block.decode().split("\n"):
-                if line.startswith(":"):
-                    continue
-                k, _, v = line.partition(": ")
-                fields[k] = v
-            if "data" in fields:
-                return fields
-
-    def close(self):
-        self.sock.close()
 
 
 def test_resume_through_a_second_node(herald_factory, redis_server):

@@ -3,13 +3,12 @@ subscriber on every node exactly once, in order per publisher; a node subscribes
 the channels it has local subscribers on; Redis restarting midway is survived."""
 import asyncio
 import json
-import threading
 import time
 
 import pytest
 
 from herald_util import expect_silence, http_async, recv, recv_json, request, run, ws_connect
-from redis_util import RedisError, RedisServer, redis_settings
+from redis_util import RedisServer, SteadyPublisher, redis_settings
 
 
 @pytest.fixture
@@ -170,21 +169,6 @@ def test_redis_subscriptions_follow_local_subscribers(herald_factory, redis_serv
 def test_two_nodes_survive_redis_restart(herald_factory, redis_server):
     a = mirror_node(herald_factory, redis_server, channels=["news"])
     b = mirror_node(herald_factory, redis_server, channels=["news"])
-    published = []
-    stop = threading.Event()
-
-    def backend():
-        i = 0
-        while not stop.is_set():
-            try:
-                with redis_server.client(timeout=1.0) as c:
-                    while not stop.is_set():
-                        published.append((i, c.command("PUBLISH", "news", "n%d" % i)))
-                        i += 1
-                        time.sleep(0.001)  # pacing: a steady stream
-            except (OSError, ConnectionError, TimeoutError, RedisError):
-                i += 1
-                time.sleep(0.01)  # Redis is down: keep trying
 
     async def main():
         async with ws_connect(a, "/sub/news") as sa, ws_connect(b, "/sub/news") as sb, \
@@ -198,9 +182,7 @@ def test_two_nodes_survive_redis_restart(herald_factory, redis_server):
                 while not pred():
                     got[ws].append(int((await recv(ws, 10))[1:]))
 
-            t = threading.Thread(target=backend, daemon=True)
-            t.start()
-            try:
+            with SteadyPublisher(redis_server, "news", "n") as backend:
                 for ws in (sa, sb):
                     await receive_until(ws, lambda: len(got[ws]) >= 50)
                 redis_server.kill()
@@ -215,12 +197,8 @@ def test_two_nodes_survive_redis_restart(herald_factory, redis_server):
                 # Both nodes subscribed again to the channel their clients listen on.
                 await asyncio.to_thread(redis_server.wait_numsub, "live", 2)
                 await asyncio.to_thread(redis_server.wait_numsub, "news", 2)
-                mark = len(published)
-                while len(published) < mark + 200:
-                    await asyncio.sleep(0.01)
-            finally:
-                stop.set()
-                await asyncio.to_thread(t.join, 10)
+                mark = await asyncio.to_thread(backend.wait_more, 200)
+            published = backend.published
             assert all(n == 2 for _, n in published[mark:])
             after = [i for i, _ in published[mark:]]
             for ws in (sa, sb):

@@ -2,16 +2,13 @@
 per connection however many subscriptions match, unsubscribing, errors, limits, tokens, the work
 of a publish with 10 or 10,000 patterns, and patterns across two nodes in mirror mode."""
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import time
 
 import pytest
 import websockets
 
-from herald_util import expect_silence, http_async, recv, recv_json, request, run, ws_connect
+from herald_util import JWT_SECRET, expect_silence, jwt_token, http_async, recv, recv_json, request, run, ws_connect
 from redis_util import RedisServer, redis_settings
 
 HERALD_CONFIG = {"limits": {"max_subscriptions": 50}}
@@ -262,21 +259,11 @@ def test_publish_work_does_not_grow_with_patterns(herald):
 
 # --- tokens and Lua ----------------------------------------------------------------------------------
 
-SECRET = "0123456789abcdef-test-secret"
 
 
-def token(claims):
-    def b64(data):
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    sig = b64(hmac.new(SECRET.encode(), ("%s.%s" % (head, body)).encode(), hashlib.sha256).digest())
-    return "%s.%s.%s" % (head, body, sig)
-
-
-@pytest.mark.herald(routes=[{"path": "/ws", "kind": "pubsub", "auth": "token"}], jwt_secret=SECRET)
+@pytest.mark.herald(routes=[{"path": "/ws", "kind": "pubsub", "auth": "token"}], jwt_secret=JWT_SECRET)
 def test_token_must_grant_every_channel_a_pattern_matches(herald):
-    t = token({"exp": time.time() + 60, "subscribe": ["sensors.*", "room"]})
+    t = jwt_token({"exp": time.time() + 60, "subscribe": ["sensors.*", "room"]})
 
     async def main():
         async with websockets.connect(herald.ws_url("/ws") + "?token=" + t, ping_interval=None) as ws:

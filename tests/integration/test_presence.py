@@ -2,9 +2,6 @@
 join and leave events for clients that ask for them, the presence op on /ws, herald.presence in
 Lua, and the same across two nodes in mirror mode, including a node killed with SIGKILL."""
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import re
 import signal
@@ -13,7 +10,7 @@ import time
 import pytest
 import websockets
 
-from herald_util import Herald, expect_silence, recv, recv_json, request, run, ws_connect
+from herald_util import JWT_SECRET, Herald, jwt_token, expect_silence, recv, recv_json, request, run, ws_connect
 from redis_util import RedisServer, redis_settings
 
 ID_RE = re.compile(r"^[0-9a-f]{16}:\d+$")
@@ -143,21 +140,11 @@ def test_presence_request_errors(herald_module):
     run(main())
 
 
-SECRET = "0123456789abcdef-test-secret"
 
 
-def token(claims):
-    def b64(data):
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    sig = b64(hmac.new(SECRET.encode(), ("%s.%s" % (head, body)).encode(), hashlib.sha256).digest())
-    return "%s.%s.%s" % (head, body, sig)
-
-
-@pytest.mark.herald(routes=[{"path": "/ws", "kind": "pubsub", "auth": "token"}], jwt_secret=SECRET)
+@pytest.mark.herald(routes=[{"path": "/ws", "kind": "pubsub", "auth": "token"}], jwt_secret=JWT_SECRET)
 def test_presence_needs_the_subscribe_grant(herald):
-    t = token({"exp": time.time() + 60, "subscribe": ["room:*"]})
+    t = jwt_token({"exp": time.time() + 60, "subscribe": ["room:*"]})
 
     async def main():
         async with websockets.connect(herald.ws_url("/ws") + "?token=" + t, ping_interval=None) as ws:

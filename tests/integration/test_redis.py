@@ -5,13 +5,12 @@ import asyncio
 import json
 import re
 import signal
-import threading
 import time
 
 import pytest
 
 from herald_util import config_text, expect_silence, recv, recv_json, request, run, ws_connect
-from redis_util import RedisError, RedisServer, redis_settings, wait_log
+from redis_util import RedisServer, SteadyPublisher, redis_settings, wait_log
 
 
 @pytest.fixture
@@ -130,21 +129,6 @@ def test_invalid_names_and_oversized_messages_are_dropped_and_counted(herald_fac
 def test_reconnects_and_resubscribes_when_redis_restarts(herald_factory, redis_server):
     h = herald_factory(redis=redis_settings(redis_server, channels=["feed"], patterns=["p.*"]))
     wait_ready(h, 2)
-    published = []  # (i, receivers) for every PUBLISH that Redis answered
-    stop = threading.Event()
-
-    def publisher():
-        i = 0
-        while not stop.is_set():
-            try:
-                with redis_server.client(timeout=1.0) as c:
-                    while not stop.is_set():
-                        published.append((i, c.command("PUBLISH", "feed", "m%d" % i)))
-                        i += 1
-                        time.sleep(0.001)  # pacing: a steady stream, not a flood
-            except (OSError, ConnectionError, TimeoutError, RedisError):
-                i += 1  # that one may or may not have been published: never counted
-                time.sleep(0.01)  # Redis is down: keep trying
 
     async def main():
         async with ws_connect(h, "/sub/feed") as sub, ws_connect(h, "/echo") as echo:
@@ -155,9 +139,7 @@ def test_reconnects_and_resubscribes_when_redis_restarts(herald_factory, redis_s
                     m = await recv(sub, 10)
                     got.append(int(m[1:]))
 
-            t = threading.Thread(target=publisher, daemon=True)
-            t.start()
-            try:
+            with SteadyPublisher(redis_server, "feed", "m") as backend:
                 await receive_until(lambda: len(got) >= 50)
                 seen_before_kill = got[-1]
                 redis_server.kill()
@@ -173,12 +155,8 @@ def test_reconnects_and_resubscribes_when_redis_restarts(herald_factory, redis_s
                     s["redis"]["subscriptions"] == 2, 10)
                 assert s["redis"]["connected"] and s["redis"]["subscriptions"] == 2, s["redis"]
                 # From here on every message must arrive.
-                mark = len(published)
-                while len(published) < mark + 200:
-                    await asyncio.sleep(0.01)
-            finally:
-                stop.set()
-                await asyncio.to_thread(t.join, 10)
+                mark = await asyncio.to_thread(backend.wait_more, 200)
+            published = backend.published
             assert all(n == 1 for _, n in published[mark:]), \
                 "published after the reconnect, but Redis had no subscriber for it"
             delivered = [i for i, n in published if n == 1]

@@ -1,56 +1,12 @@
 """Server-Sent Events: /sse/<channel>, several channels, ids, keepalive, resume by Last-Event-ID."""
 import json
-import socket
-import time
 
 import pytest
 
-from herald_util import HOST
+from herald_util import EventStream as Stream
 
 ROUTES = [{"path": "/ws", "kind": "pubsub"}, {"path": "/sse/", "kind": "sse"}]
 HISTORY = [{"prefix": "h:", "length": 100, "age": 600}]
-
-
-class Stream:
-    """A raw event-stream reader: the response head, then events as dicts."""
-
-    def __init__(self, port, target, headers=None):
-        self.sock = socket.create_connection((HOST, port), timeout=5)
-        extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items())
-        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (target, extra)).encode())
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, "closed before the head: %r" % self.buf
-            self.buf += chunk
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        self.head = head.decode()
-        self.status = int(self.head.split()[1])
-
-    def next_block(self, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while b"\n\n" not in self.buf:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = self.sock.recv(65536)
-            assert chunk, "stream closed"
-            self.buf += chunk
-        block, self.buf = self.buf.split(b"\n\n", 1)
-        return block.decode()
-
-    def next_event(self, timeout=5.0):
-        """The next block with data (comments and retry skipped): {"id": ..., "data": ...}."""
-        while True:
-            fields = {}
-            for line in self.next_block(timeout).split("\n"):
-                if line.startswith(":"):
-                    continue
-                k, _, v = line.partition(": ")
-                fields[k] = fields[k] + "\n" + v if k in fields else v
-            if "data" in fields:
-                return fields
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.mark.herald(routes=ROUTES, history=HISTORY)

@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
-from herald_util import HOST, Herald, RawHTTP  # noqa: E402
+from herald_util import HOST, Herald  # noqa: E402
 from redis_util import RedisServer, redis_settings  # noqa: E402
 
 OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 1, 8, 9, 10
