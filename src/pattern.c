@@ -28,8 +28,8 @@ struct pattern_node {
     uint64_t serial;
     uint32_t refs;                    /* pattern_add references: patterns ending here */
     uint32_t kids;                    /* children of every kind */
-    uint32_t step;                    /* the last work-list step it was put on */
-    uint32_t walk;                    /* the last walk that reported it */
+    uint64_t step;                    /* the last work-list step it was put on */
+    uint64_t walk;                    /* the last walk that reported it */
     uint8_t kind;                     /* enum seg_kind */
     uint8_t seg_len;
     char seg[];
@@ -41,7 +41,9 @@ struct pattern_trie {
     size_t table_size, literals;
     size_t nodes, patterns;
     uint64_t serial;
-    uint32_t step, walk;
+    /* 64-bit, so they never wrap: a wrapped stamp could equal one a node still holds, and the node
+     * would be skipped for one walk. */
+    uint64_t step, walk;
     struct pattern_node **cur, **next; /* the matcher's work lists */
     size_t cur_cap, next_cap;
 };
