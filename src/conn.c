@@ -199,9 +199,16 @@ static void queue_push(struct conn *c, struct block *blk, size_t off, size_t len
     schedule_flush(c);
 }
 
+/* Can more be queued to c? Not once it is dead (queueing would put it back on the flush list after
+ * it was taken off to be freed) or lingering (its write side is shut down). */
+static int queue_open(const struct conn *c)
+{
+    return c->state != CONN_DEAD && c->state != CONN_LINGER;
+}
+
 void conn_queue_block(struct conn *c, struct block *blk, size_t off, size_t len)
 {
-    if (c->state == CONN_DEAD || c->state == CONN_LINGER || c->close_sent || !len)
+    if (!queue_open(c) || c->close_sent || !len)
         return;
     /* Blocks larger than 4 GiB cannot occur: messages are limited far below that. */
     queue_push(c, block_ref(blk), off, len);
@@ -209,7 +216,7 @@ void conn_queue_block(struct conn *c, struct block *blk, size_t off, size_t len)
 
 void conn_queue_copy(struct conn *c, const void *p, size_t len)
 {
-    if (c->state == CONN_DEAD || c->state == CONN_LINGER || !len)
+    if (!queue_open(c) || !len)
         return;
     if (c->q_len) {
         struct conn_qitem *last = &c->q[(c->q_head + c->q_len - 1) & (c->q_cap - 1)];
@@ -234,7 +241,8 @@ void conn_queue_copy(struct conn *c, const void *p, size_t len)
 
 void conn_send_frame(struct conn *c, int opcode, const void *p, size_t len)
 {
-    if (c->close_sent && opcode != WS_OP_CLOSE)
+    /* Checked here for both ways below: a large frame's block is queued without conn_queue_copy. */
+    if (!queue_open(c) || (c->close_sent && opcode != WS_OP_CLOSE))
         return;
     /* Compressed on its own, as server_no_context_takeover promises; the compressed bytes are
      * copied into the queue below, so one scratch buffer serves every frame. */

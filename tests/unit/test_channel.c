@@ -226,6 +226,24 @@ static void test_slow_consumer(struct route *raw)
     close(fast.fd);
 }
 
+/* Nothing is queued to a connection whose write side is shut down: small frames, nor large ones,
+ * whose block is queued without the small-copy path. */
+static void test_send_after_shutdown(struct route *raw)
+{
+    struct peer a;
+    static char big[8192];
+    memset(big, 'x', sizeof(big));
+    peer_open(&a, raw);
+    a.conn->state = CONN_LINGER;
+    conn_send_frame(a.conn, WS_OP_TEXT, "small", 5);
+    conn_send_frame(a.conn, WS_OP_TEXT, big, sizeof(big));
+    CHECK_EQ(a.conn->q_len, 0);
+    CHECK(!a.conn->on_flush_list);
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+}
+
 /* Read every whole message p has been sent into out ("|" after each), inflating compressed ones
  * with f; *compressed counts those. Returns the number of messages, -1 on anything else. */
 static int peer_read_deflate(struct peer *p, struct pmd_inflater *f, char *out, size_t cap, int *compressed)
@@ -917,6 +935,7 @@ int main(void)
     struct route *raw = route_new(ROUTE_RAW, "/sub/");
     test_fanout(raw);
     test_slow_consumer(raw);
+    test_send_after_shutdown(raw);
     test_fanout_deflate();
     test_patterns(raw);
     test_pattern_batch_full(raw);
