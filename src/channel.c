@@ -37,8 +37,9 @@ struct sub {
     struct sub *conn_next; /* the connection's next subscription */
     struct sub_ext *ext;   /* NULL unless dual, a presence member, a listener or joining */
     uint32_t idx;          /* position in group->subs */
-    uint32_t skip_msgs;    /* messages of the unsettled batch published before it subscribed */
-    size_t skip;           /* batch offset where its messages start */
+    uint32_t skip_msgs;    /* messages of its group's batch it is not owed (see skip) */
+    size_t skip;           /* batch offset where what it is owed starts: bytes before were
+                              published before it subscribed, or have been queued to it */
     uint8_t joining;       /* waiting for its join point: given no live message */
 };
 
@@ -79,8 +80,7 @@ struct group {
     struct sub **subs;
     uint32_t nsubs, cap;
     struct block *batch;      /* frames published this pass; NULL when none */
-    size_t settled;           /* batch offset up to which subscribers have their references */
-    uint32_t pending_msgs;    /* messages in batch past settled */
+    uint32_t pending_msgs;    /* messages in batch */
     uint8_t dirty;
 };
 
@@ -554,7 +554,6 @@ static void group_make_room(struct group *g, size_t need)
         chan_settle(); /* settling drops the shared block */
     block_unref(g->batch);
     g->batch = block_new(need > 4096 ? need : 4096);
-    g->settled = 0;
 }
 
 /* The payload for g's subscribers, who negotiated permessage-deflate: the message compressed once
@@ -686,33 +685,48 @@ int chan_publish_cb(struct chan_msg *m, struct conn *c, chan_pub_fn done, void *
     return 1;
 }
 
+/* Queue to s's connection what it is owed of its group's batch (nothing while it is joining: it
+ * is given no live message before its join point), and note that it has it. */
+static void sub_give(struct sub *s)
+{
+    struct group *g = s->group;
+    if (!g->batch || s->joining)
+        return;
+    size_t end = g->batch->len;
+    if (s->skip < end) {
+        conn_queue_block(s->conn, g->batch, s->skip, end - s->skip);
+        stats.messages_out += g->pending_msgs - s->skip_msgs;
+    }
+    s->skip = end;
+    s->skip_msgs = g->pending_msgs;
+}
+
+/* b, a batch whose frames have all been handed out: kept, emptied, for the next pass while it has
+ * room and nobody else holds it, else dropped, so an idle channel or pattern holds no buffer.
+ * Returns what the group keeps (NULL: nothing). */
+static struct block *batch_recycle(struct block *b)
+{
+    if (!b)
+        return NULL;
+    if (b->refs > 1 || b->cap - b->len < 1024) {
+        block_unref(b);
+        return NULL;
+    }
+    b->len = 0;
+    return b;
+}
+
 /* Give each subscriber of g its reference to the batch published since the last settle. */
 static void group_settle(struct group *g)
 {
-    struct block *b = g->batch;
-    size_t end = b->len;
     for (uint32_t i = 0; i < g->nsubs; i++) {
         struct sub *s = g->subs[i];
-        size_t start = s->skip > g->settled ? s->skip : g->settled;
-        if (start < end && !s->joining) {
-            conn_queue_block(s->conn, b, start, end - start);
-            stats.messages_out += g->pending_msgs - s->skip_msgs;
-        }
-        s->skip = 0;
+        sub_give(s);
+        s->skip = 0; /* the batch starts again */
         s->skip_msgs = 0;
     }
-    g->settled = end;
     g->pending_msgs = 0;
-    /* Keep the block for the next pass only while it has room and nobody else holds it, so an
-     * idle channel holds no buffer. */
-    if (b->refs > 1 || b->cap - b->len < 1024) {
-        block_unref(b);
-        g->batch = NULL;
-        g->settled = 0;
-    } else {
-        b->len = 0;
-        g->settled = 0;
-    }
+    g->batch = batch_recycle(g->batch);
 }
 
 static void pgroup_flush(struct pgroup *g);
@@ -888,15 +902,10 @@ static void sub_remove(struct sub *s)
     if (s->ext && s->ext->join)
         join_cancel(s->ext->join);
     free(s->ext); /* nothing is left in it, but be sure */
-    if (g->dirty && g->batch && !joining) {
-        /* It was subscribed when these were published: it still gets them, before whatever is
-         * queued to it next. */
-        size_t start = s->skip > g->settled ? s->skip : g->settled;
-        if (start < g->batch->len) {
-            conn_queue_block(s->conn, g->batch, start, g->batch->len - start);
-            stats.messages_out += g->pending_msgs - s->skip_msgs;
-        }
-    }
+    /* It was subscribed when these were published: it still gets them, before whatever is queued
+     * to it next. */
+    if (g->dirty && !joining)
+        sub_give(s);
     g->subs[s->idx] = g->subs[--g->nsubs];
     g->subs[s->idx]->idx = s->idx;
     s->conn->nsubs--;
@@ -1896,16 +1905,8 @@ static void pgroup_flush(struct pgroup *g)
 {
     for (uint32_t i = 0; i < g->nsubs; i++)
         psub_flush(g->subs[i]);
-    struct block *b = g->batch;
     g->frame_stamp = 0;
-    if (!b)
-        return;
-    if (b->refs > 1 || b->cap - b->len < 1024) {
-        block_unref(b);
-        g->batch = NULL;
-    } else {
-        b->len = 0;
-    }
+    g->batch = batch_recycle(g->batch);
 }
 
 /* Append the current message's frame for g's route to g's batch (once per message). */
