@@ -11,6 +11,7 @@
 #include "stats.h"
 #include "ws.h"
 
+#include <assert.h>
 #include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1635,20 +1636,9 @@ void chan_fetch_reply(struct chan_fetch *f, const struct chan_fetch_result *r)
 void chan_fetch_marker(struct chan_fetch *f, const char *epoch, uint64_t seq)
 {
     struct chan *ch = chan_lookup(f->name, f->name_len, 0);
-    if (!ch || !ch->rs) {
-        f->marked = 1;
-        if (f->join) {
-            struct chan_join *j = f->join;
-            if (f->replied)
-                fetch_free(f);
-            j->marked = 1;
-            if (j->emitted)
-                join_activate(ch, j);
-        } else if (f->replied) {
-            fetch_free(f);
-        }
-        return;
-    }
+    /* f holds a reference on the channel's rstate (fetch_new) until it is freed: neither the sweep
+     * nor a change of mode takes the channel from the observer meanwhile. */
+    assert(ch && ch->rs);
     if (ch->rs->holds || ch->rs->head || !mark_take(ch, f, epoch, seq))
         if (!f->marked && !(ch->rs->tail && ch->rs->tail->mark == f))
             hold(ch->rs, f, epoch, seq, NULL, 0, 0);
