@@ -543,18 +543,19 @@ static void group_release(struct group *g)
     free(g);
 }
 
+static void group_settle(struct group *g);
+
 /* Make sure g has a batch that a frame of about need bytes can be appended to. A batch only this
  * group holds may grow (and move); a shared one never moves, so when it is full what it holds is
- * handed out first and a new one started. */
+ * handed out first, to g's subscribers alone (settling drops the shared block), and a new one
+ * started. */
 static void group_make_room(struct group *g, size_t need)
 {
     struct block *b = g->batch;
-    if (b && (b->refs == 1 || b->cap - b->len >= need))
-        return;
-    if (b)
-        chan_settle(); /* settling drops the shared block */
-    block_unref(g->batch);
-    g->batch = block_new(need > 4096 ? need : 4096);
+    if (b && b->refs > 1 && b->cap - b->len < need)
+        group_settle(g);
+    if (!g->batch)
+        g->batch = block_new(need > 4096 ? need : 4096);
 }
 
 /* The payload for g's subscribers, who negotiated permessage-deflate: the message compressed once
@@ -603,8 +604,10 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         idle_unlink(ch);
         idle_append(ch, ev_time());
     }
-    /* Patterns matter only while someone subscribes to one: otherwise the trie is not looked at. */
-    int patterns = psub_total && chan_patterns(ch)->n;
+    /* Patterns matter only while someone subscribes to one: otherwise the trie is not looked at.
+     * Nothing below lets a pattern go, so pm stays valid until they are delivered to. */
+    struct pmatch *pm = psub_total ? chan_patterns(ch) : NULL;
+    int patterns = pm && pm->n;
     if (patterns)
         deliver_stamp++;
     /* A route's groups sit next to each other (see chan_subscribe), so its payload is made once
@@ -648,12 +651,8 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         }
     }
     size_t by_pattern = 0;
-    if (patterns) {
-        /* Settling while batches filled up may have let patterns go: look again (a cache hit when
-         * none did). */
-        struct pmatch *pm = ch->pm->gen == pattern_gen ? ch->pm : chan_patterns(ch);
+    if (patterns)
         by_pattern = pattern_deliver(ch, m, pm);
-    }
     free(m->decoded);
     m->decoded = NULL;
     if (!m->remote && !m->numbered && observer.published)
@@ -732,6 +731,7 @@ static void group_settle(struct group *g)
 
 static void pgroup_flush(struct pgroup *g);
 static void pgroup_release(struct pgroup *g);
+static void conn_flush_patterns(struct conn *c);
 
 void chan_settle(void)
 {
@@ -754,8 +754,14 @@ void chan_settle(void)
 
 void chan_settle_for(struct conn *c)
 {
-    if ((c->nsubs || c->npsubs) && (dirty_list || pdirty_list))
-        chan_settle();
+    if (!dirty_list && !pdirty_list)
+        return;
+    /* c's part alone: settling every channel for one reply would cut every batch of the pass
+     * short, and drop the blocks its subscribers share. */
+    conn_flush_patterns(c);
+    for (struct sub *s = c->subs; s; s = s->conn_next)
+        if (s->group->dirty)
+            sub_give(s);
 }
 
 static struct sub *find_sub(struct conn *c, struct chan *ch)
@@ -766,7 +772,6 @@ static struct sub *find_sub(struct conn *c, struct chan *ch)
     return NULL;
 }
 
-static void conn_flush_patterns(struct conn *c);
 static void dual_link(struct sub *s);
 static void dual_unlink(struct sub *s);
 static void pres_drop(struct chan *ch, struct sub *s);

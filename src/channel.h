@@ -113,8 +113,9 @@ int chan_pattern_wanted(const char *name, size_t len);
 
 /* Hand every batch published since the last call to its subscribers' queues. */
 void chan_settle(void);
-/* Before a reply is queued to c directly, settle if c could have batched messages waiting, so
- * that c sees messages and replies in the order they happened. */
+/* Before a reply is queued to c directly, queue to c what was published to it so far this pass
+ * (c's part only: the batches go on for everyone else), so that c sees messages and replies in
+ * the order they happened. */
 void chan_settle_for(struct conn *c);
 
 /* History: channels whose name starts with a rule's prefix keep their last rule.length messages

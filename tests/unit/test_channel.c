@@ -178,6 +178,69 @@ static void test_fanout(struct route *raw)
     close(c.fd);
 }
 
+/* A reply to one connection queues that connection's part of the pass before it, and nothing of
+ * anyone else's: x's subscriber still gets the pass's three messages as one region of one block. */
+static void test_settle_for(struct route *raw)
+{
+    struct peer a, p;
+    char got[4096];
+    peer_open(&a, raw);
+    peer_open(&p, raw);
+    chan_subscribe(a.conn, "sf.x", 4);
+    chan_subscribe(p.conn, "sf.y", 4);
+    chan_psubscribe(p.conn, "sf.z.*", 6);
+    uint64_t out_before = stats.messages_out;
+    publish("sf.x", "1");
+    chan_settle_for(p.conn);
+    publish("sf.x", "2");
+    publish("sf.y", "a");
+    publish("sf.z.q", "b");
+    chan_settle_for(p.conn);
+    conn_send_frame(p.conn, WS_OP_TEXT, "reply", 5);
+    publish("sf.x", "3");
+    publish("sf.y", "c");
+    chan_settle_for(p.conn);
+    chan_settle();
+    CHECK_EQ(a.conn->q_len, 1);
+    CHECK_EQ(stats.messages_out - out_before, 6);
+    conn_flush_all();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 3);
+    CHECK(strcmp(got, "1|2|3|") == 0);
+    CHECK_EQ(peer_read(&p, got, sizeof(got), NULL), 4);
+    /* Each channel's messages before the reply (in no set order across channels). */
+    CHECK(strcmp(got, "a|b|reply|c|") == 0 || strcmp(got, "b|a|reply|c|") == 0);
+
+    /* A shared batch that fills up is handed out to its own group's subscribers alone. */
+    chan_subscribe(p.conn, "sf.x", 4);
+    publish("sf.x", "4");
+    chan_settle_for(p.conn); /* p now shares sf.x's batch */
+    publish("sf.y", "d");
+    char payload[301], want[8192] = "4|";
+    memset(payload, 'x', 300);
+    payload[300] = 0;
+    for (int i = 0; i < 20; i++) {
+        payload[0] = (char)('a' + i);
+        publish("sf.x", payload);
+        strcat(want, payload);
+        strcat(want, "|");
+    }
+    conn_flush_all();
+    static char big[16384], rest[16384];
+    int n = peer_read(&p, big, sizeof(big), NULL);
+    CHECK(n > 1 && n < 21 && strncmp(big, want, strlen(big)) == 0); /* sf.y's "d" waits */
+    chan_settle();
+    conn_flush_all();
+    CHECK_EQ(peer_read(&p, rest, sizeof(rest), NULL), 22 - n);
+    CHECK(strstr(rest, "d|") != NULL);
+    CHECK_EQ(peer_read(&a, big, sizeof(big), NULL), 21);
+    CHECK(strcmp(big, want) == 0);
+    conn_close_now(a.conn);
+    conn_close_now(p.conn);
+    pass();
+    close(a.fd);
+    close(p.fd);
+}
+
 /* A subscriber that stops reading is closed with 1013, and the stream it was sent up to then is
  * still well-formed; another subscriber loses nothing. */
 static void test_slow_consumer(struct route *raw)
@@ -934,6 +997,7 @@ int main(void)
     test_names();
     struct route *raw = route_new(ROUTE_RAW, "/sub/");
     test_fanout(raw);
+    test_settle_for(raw);
     test_slow_consumer(raw);
     test_send_after_shutdown(raw);
     test_fanout_deflate();
