@@ -545,14 +545,21 @@ static void group_release(struct group *g)
 
 static void group_settle(struct group *g);
 
-/* Make sure g has a batch that a frame of about need bytes can be appended to. A batch only this
- * group holds may grow (and move); a shared one never moves, so when it is full what it holds is
- * handed out first, to g's subscribers alone (settling drops the shared block), and a new one
- * started. */
+/* Must batch b be handed out before a frame of need bytes is appended to it? A batch only its
+ * group holds may grow (and move); a shared one never moves, so it must when it is full. So must
+ * one that would pass CHAN_BATCH_MAX: a queue entry counts bytes in 32 bits, and a pass of large
+ * messages is not gathered in one ever larger block. */
+static int batch_full(const struct block *b, size_t need)
+{
+    return b && ((b->refs > 1 && b->cap - b->len < need) ||
+                 (b->len && b->len + need > CHAN_BATCH_MAX));
+}
+
+/* Make sure g has a batch that a frame of about need bytes can be appended to: what a full one
+ * holds goes to g's subscribers first (the other groups batch on), and a new one is started. */
 static void group_make_room(struct group *g, size_t need)
 {
-    struct block *b = g->batch;
-    if (b && b->refs > 1 && b->cap - b->len < need)
+    if (batch_full(g->batch, need))
         group_settle(g);
     if (!g->batch)
         g->batch = block_new(need > 4096 ? need : 4096);
@@ -1913,9 +1920,8 @@ static void pgroup_add_frame(struct pgroup *g, struct chan_msg *m)
                       ? 0
                       : ws_frame_header(hdr, f->opcode, 1, f->payload.len, NULL);
     size_t need = hlen + f->payload.len;
-    struct block *b = g->batch;
-    /* As for channel groups: a batch others hold never moves, so a full one is handed out first. */
-    if (!f->dropped && b && b->refs > 1 && b->cap - b->len < need)
+    /* As for channel groups: a full batch is handed out first. */
+    if (!f->dropped && batch_full(g->batch, need))
         pgroup_flush(g);
     g->frame_stamp = deliver_stamp;
     g->frame_len = 0;

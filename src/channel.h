@@ -111,6 +111,11 @@ int chan_punsubscribe(struct conn *c, const char *pattern, size_t len);
 /* 1 if a pattern with local subscribers matches the channel name. */
 int chan_pattern_wanted(const char *name, size_t len);
 
+/* A channel's or a pattern's batch is handed out to its subscribers before it passes this many
+ * bytes within a pass (a frame larger than that goes alone): send-queue entries count bytes in
+ * 32 bits, and a pass's messages need not all be held in one block. */
+#define CHAN_BATCH_MAX ((size_t)64 << 20)
+
 /* Hand every batch published since the last call to its subscribers' queues. */
 void chan_settle(void);
 /* Before a reply is queued to c directly, queue to c what was published to it so far this pass

@@ -210,7 +210,9 @@ void conn_queue_block(struct conn *c, struct block *blk, size_t off, size_t len)
 {
     if (!queue_open(c) || c->close_sent || !len)
         return;
-    /* Blocks larger than 4 GiB cannot occur: messages are limited far below that. */
+    /* An entry counts bytes in 32 bits. Channel and pattern batches are handed out before
+     * CHAN_BATCH_MAX, so only a single frame could pass 4 GiB: a message near max_message (1 GiB)
+     * escaped into JSON text, which no send queue (2 GiB at most) can take anyway. */
     queue_push(c, block_ref(blk), off, len);
 }
 
