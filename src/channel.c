@@ -150,6 +150,11 @@ struct chan_join {
     uint8_t marked;          /* its mark was reached in the live stream */
     uint8_t holding;         /* the channel holds for it (the mark came first) */
     struct replay_entry *replay, **replay_tail;
+    /* The last message of the channel its connection was given since the join began, through its
+     * patterns (which serve it until its mark) or the replay: what it has, or what would now come
+     * out of order, is not given again. given_epoch "": none yet. */
+    uint64_t given;
+    char given_epoch[CHAN_EPOCH_MAX + 1];
 };
 
 /* The patterns a channel matched when the trie was last changed (generation gen), in the order
@@ -1440,6 +1445,22 @@ static void join_free(struct chan *ch, struct chan_join *j)
     free(j);
 }
 
+/* 1 if j's connection was given the channel's message (epoch, seq), or one after it, since the
+ * join began. */
+static int join_given(const struct chan_join *j, const char *epoch, uint64_t seq)
+{
+    return j->given_epoch[0] && seq <= j->given && strcmp(epoch ? epoch : "", j->given_epoch) == 0;
+}
+
+/* j's connection was given the channel's message (epoch, seq). */
+static void join_note_given(struct chan_join *j, const char *epoch, uint64_t seq)
+{
+    if (join_given(j, epoch, seq))
+        return;
+    j->given = seq;
+    snprintf(j->given_epoch, sizeof(j->given_epoch), "%s", epoch ? epoch : "");
+}
+
 /* The subscription gets live messages from now on: those batched before were before its mark. */
 static void join_activate(struct chan *ch, struct chan_join *j)
 {
@@ -1448,6 +1469,8 @@ static void join_activate(struct chan *ch, struct chan_join *j)
     s->ext->join = NULL;
     s->joining = 0;
     sub_ext_trim(s);
+    /* What its patterns gave it until now goes before what the channel gives it from here on. */
+    conn_flush_patterns(s->conn);
     s->skip = g->dirty && g->batch ? g->batch->len : 0;
     s->skip_msgs = g->dirty ? g->pending_msgs : 0;
     join_free(ch, j); /* the caller drains what the channel held for it */
@@ -1521,14 +1544,20 @@ static int join_fetch(struct chan *ch, struct chan_join *j, int64_t since, int w
 static void join_replay(struct chan *ch, struct chan_join *j)
 {
     struct conn *c = j->sub->conn;
+    if (j->replay) /* what its patterns gave it meanwhile goes first */
+        conn_flush_patterns(c);
     while (j->replay) {
         struct replay_entry *e = j->replay;
         j->replay = e->next;
-        struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len, .data = e->data,
-                             .len = e->len, .is_json = e->is_json, .utf8 = (int8_t)(e->is_json ? 1 : -1),
-                             .json = (int8_t)(e->is_json ? 1 : -1), .numbered = 1, .epoch = j->epoch,
-                             .seq = e->seq};
-        send_past(c, &m);
+        if (!join_given(j, j->epoch, e->seq)) { /* not given already by a pattern */
+            struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len, .data = e->data,
+                                 .len = e->len, .is_json = e->is_json,
+                                 .utf8 = (int8_t)(e->is_json ? 1 : -1),
+                                 .json = (int8_t)(e->is_json ? 1 : -1), .numbered = 1,
+                                 .epoch = j->epoch, .seq = e->seq};
+            send_past(c, &m);
+            join_note_given(j, j->epoch, e->seq);
+        }
         free(e);
     }
     j->replay_tail = &j->replay;
@@ -1946,8 +1975,16 @@ static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch
 {
     uint64_t stamp = deliver_stamp;
     size_t n = 0;
-    for (struct sub *s = ch->dual; s; s = s->ext->dual_next)
+    /* A subscription still joining is given no live message before its mark: until then its
+     * connection's patterns serve it, unless it has the message already. */
+    int joining = 0;
+    for (struct sub *s = ch->dual; s; s = s->ext->dual_next) {
+        if (s->joining && !join_given(s->ext->join, m->epoch, m->seq)) {
+            joining = 1;
+            continue;
+        }
         s->conn->pattern_stamp = stamp;
+    }
     for (uint32_t i = 0; i < pm->n; i++) {
         for (struct pgroup *g = pm->p[i]->groups; g; g = g->next) {
             for (uint32_t k = 0; k < g->nsubs; k++) {
@@ -1964,6 +2001,10 @@ static size_t pattern_deliver(struct chan *ch, struct chan_msg *m, struct pmatch
             }
         }
     }
+    if (joining) /* its replay leaves out what the patterns gave it */
+        for (struct sub *s = ch->dual; s; s = s->ext->dual_next)
+            if (s->joining && s->conn->pattern_stamp == stamp)
+                join_note_given(s->ext->join, m->epoch, m->seq);
     pstats.deliveries += n;
     return n;
 }

@@ -1029,6 +1029,61 @@ static void test_numbered(struct route *raw)
     chan_set_history(NULL, 0);
 }
 
+/* A connection whose pattern matches a channel Redis numbers goes on getting the channel's messages
+ * through the pattern while its subscription to the channel waits for its join point; a replay
+ * leaves out what the pattern gave meanwhile, and the pattern what the replay gave: each message
+ * once, in order. */
+static void test_numbered_pattern(struct route *raw)
+{
+    struct config_history rule = {.prefix = "h:", .length = 100, .age = 0};
+    chan_set_history(&rule, 1);
+    static const struct chan_observer obs = {.number = obs_number, .fetch = obs_fetch};
+    chan_set_observer(&obs);
+    char got[4096];
+    struct peer a;
+    peer_open(&a, raw);
+    CHECK_EQ(chan_psubscribe(a.conn, "h:p.*", 5), 1);
+    numbered("h:p.x", "e1", 1, "one");
+
+    /* No resume: the subscription starts at its mark, the pattern serves until then. */
+    struct joined ja = {.emit = 1};
+    struct chan_join_result now;
+    CHECK_EQ(chan_subscribe_from(a.conn, "h:p.x", 5, -1, NULL, 0, 0, on_joined, &ja, &now),
+             CHAN_JOINING);
+    struct chan_fetch *f = next_fetch();
+    numbered("h:p.x", "e1", 2, "two");
+    answer(f, "e1", 2, -1, NULL, 0);
+    chan_fetch_marker(f, "e1", 2);
+    numbered("h:p.x", "e1", 3, "three"); /* through the channel now */
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 3);
+    CHECK(strcmp(got, "one|two|three|") == 0);
+
+    /* A resume. */
+    numbered("h:p.y", "e1", 1, "y1");
+    numbered("h:p.y", "e1", 2, "y2");
+    struct joined jb = {.emit = 1};
+    CHECK_EQ(chan_subscribe_from(a.conn, "h:p.y", 5, 1, "e1", 2, 0, on_joined, &jb, &now),
+             CHAN_JOINING);
+    f = next_fetch();
+    numbered("h:p.y", "e1", 3, "y3"); /* through the pattern */
+    static const char *const y[] = {"y2", "y3", "y4", NULL};
+    answer(f, "e1", 4, 1, y, 2);      /* the pattern gave up to y3: only y4 is replayed */
+    CHECK(jb.calls == 1 && jb.recovered == 1);
+    numbered("h:p.y", "e1", 4, "y4"); /* replayed already: not through the pattern again */
+    chan_fetch_marker(f, "e1", 4);
+    numbered("h:p.y", "e1", 5, "y5");
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 5);
+    CHECK(strcmp(got, "y1|y2|y3|y4|y5|") == 0);
+
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+    chan_set_observer(NULL);
+    chan_set_history(NULL, 0);
+}
+
 int main(void)
 {
     loop = ev_default_loop(0);
@@ -1048,6 +1103,7 @@ int main(void)
     test_presence(raw);
     test_presence_slow_member(raw);
     test_numbered(raw);
+    test_numbered_pattern(raw);
     route_unref(raw);
     return TEST_REPORT();
 }
