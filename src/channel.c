@@ -1596,6 +1596,50 @@ static void join_cancel(struct chan_join *j)
     join_free(ch, j); /* the caller drains what the channel held for it */
 }
 
+/* Check the resume of j's answer r (to fetch f) and keep its replay. The observer is not taken at
+ * its word: a resume is recovered only when one was asked, r says so, in the epoch asked, and the
+ * entries hold every seq after since up to r->last; entries out of that range or out of order are
+ * dropped. Returns -1 (no resume asked), 0 (not recovered: nothing is replayed) or 1. */
+static int join_answer_replay(struct chan_join *j, const struct chan_fetch *f,
+                              const struct chan_fetch_result *r)
+{
+    if (j->since < 0)
+        return -1;
+    uint64_t since = (uint64_t)j->since;
+    if (r->recovered != 1 || !r->epoch || strcmp(r->epoch, f->epoch) != 0 || r->last < since)
+        return 0;
+    struct replay_entry *replay = NULL, **tail = &replay;
+    uint64_t next = since + 1;
+    for (size_t i = 0; i < r->n && next <= r->last; i++) {
+        const struct chan_fetch_entry *e = &r->entries[i];
+        if (e->seq != next)
+            continue;
+        struct replay_entry *x = xmalloc(sizeof(*x) + e->len);
+        x->next = NULL;
+        x->seq = e->seq;
+        x->is_json = e->is_json;
+        x->len = e->len;
+        if (e->len)
+            memcpy(x->data, e->data, e->len);
+        *tail = x;
+        tail = &x->next;
+        next++;
+    }
+    if (next <= r->last) { /* some are missing */
+        while (replay) {
+            struct replay_entry *x = replay;
+            replay = x->next;
+            free(x);
+        }
+        return 0;
+    }
+    if (replay) {
+        *j->replay_tail = replay;
+        j->replay_tail = tail;
+    }
+    return 1;
+}
+
 void chan_fetch_reply(struct chan_fetch *f, const struct chan_fetch_result *r)
 {
     struct chan *ch = chan_lookup(f->name, f->name_len, 0);
@@ -1637,24 +1681,11 @@ void chan_fetch_reply(struct chan_fetch *f, const struct chan_fetch_result *r)
         return;
     }
     /* Keep the answer until it is emitted: the channel's epoch, its last seq, and the replay. */
+    int recovered = join_answer_replay(j, f, r);
     snprintf(j->epoch, sizeof(j->epoch), "%s", r->epoch ? r->epoch : "");
     j->last = r->last;
-    if (r->recovered == 1) {
-        for (size_t i = 0; i < r->n; i++) {
-            const struct chan_fetch_entry *e = &r->entries[i];
-            struct replay_entry *x = xmalloc(sizeof(*x) + e->len);
-            x->next = NULL;
-            x->seq = e->seq;
-            x->is_json = e->is_json;
-            x->len = e->len;
-            if (e->len)
-                memcpy(x->data, e->data, e->len);
-            *j->replay_tail = x;
-            j->replay_tail = &x->next;
-        }
-    } else if (j->answered && j->since >= 0 && r->last > (uint64_t)j->since) {
+    if (recovered != 1 && j->answered && j->since >= 0 && r->last > (uint64_t)j->since)
         rstats.missed += r->last - (uint64_t)j->since; /* a continued join that could not be */
-    }
     if (f->marked) {
         fetch_free(f); /* j->f is cleared */
         j->f = NULL;
@@ -1670,7 +1701,7 @@ void chan_fetch_reply(struct chan_fetch *f, const struct chan_fetch_result *r)
         return;
     }
     struct chan_join_result res = {.epoch = j->epoch[0] ? j->epoch : NULL, .seq = j->last,
-                                   .recovered = r->recovered};
+                                   .recovered = recovered};
     j->done(j->sub->conn, j, &res, j->arg);
 }
 

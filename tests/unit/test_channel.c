@@ -1084,6 +1084,76 @@ static void test_numbered_pattern(struct route *raw)
     chan_set_history(NULL, 0);
 }
 
+/* Subscribe a to channel resuming after since of epoch "e1" (since -1: no resume), answer the join
+ * (epoch, last, recovered, and entries of the n seqs, whose texts are "r<seq>"), mark it at last
+ * and collect what a gets. Returns the join's recovered. */
+static int join_answered(struct peer *a, const char *channel, int64_t since, const char *epoch,
+                         uint64_t last, int recovered, const uint64_t *seqs, size_t n, char *got,
+                         size_t cap)
+{
+    struct joined j = {.emit = 1};
+    struct chan_join_result now;
+    CHECK_EQ(chan_subscribe_from(a->conn, channel, strlen(channel), since, "e1", 2, 0, on_joined,
+                                 &j, &now),
+             CHAN_JOINING);
+    struct chan_fetch *f = next_fetch();
+    char texts[8][24];
+    struct chan_fetch_entry e[8];
+    for (size_t i = 0; i < n; i++) {
+        snprintf(texts[i], sizeof(texts[i]), "r%llu", (unsigned long long)seqs[i]);
+        e[i] = (struct chan_fetch_entry){.seq = seqs[i], .data = texts[i], .len = strlen(texts[i])};
+    }
+    struct chan_fetch_result r = {.epoch = epoch, .last = last, .recovered = recovered, .n = n,
+                                  .entries = e};
+    chan_fetch_reply(f, &r);
+    chan_fetch_marker(f, epoch, last);
+    pass();
+    peer_read(a, got, cap, NULL);
+    CHECK_EQ(j.calls, 1);
+    return j.recovered;
+}
+
+/* A join's answer is checked, not taken at its word: recovered is 1 only for a resume that was
+ * asked, in the epoch asked, whose entries hold every seq after since up to the last; entries out
+ * of that range are dropped; anything else replays nothing. */
+static void test_numbered_answers(struct route *raw)
+{
+    struct config_history rule = {.prefix = "h:", .length = 100, .age = 0};
+    chan_set_history(&rule, 1);
+    static const struct chan_observer obs = {.number = obs_number, .fetch = obs_fetch};
+    chan_set_observer(&obs);
+    char got[4096];
+    struct peer a;
+    peer_open(&a, raw);
+    static const uint64_t around[] = {1, 2, 3, 9}, two_three[] = {2, 3}, two_four[] = {2, 4},
+                          three_two[] = {3, 2};
+
+    /* Complete, with an entry before since and one after the last. */
+    CHECK_EQ(join_answered(&a, "h:v1", 1, "e1", 3, 1, around, 4, got, sizeof(got)), 1);
+    CHECK(strcmp(got, "r2|r3|") == 0);
+    /* A recovered other than 0 or 1. */
+    CHECK_EQ(join_answered(&a, "h:v2", 1, "e1", 3, 2, two_three, 2, got, sizeof(got)), 0);
+    CHECK(strcmp(got, "") == 0);
+    /* One missing. */
+    CHECK_EQ(join_answered(&a, "h:v3", 1, "e1", 4, 1, two_four, 2, got, sizeof(got)), 0);
+    CHECK(strcmp(got, "") == 0);
+    /* Out of order. */
+    CHECK_EQ(join_answered(&a, "h:v4", 1, "e1", 3, 1, three_two, 2, got, sizeof(got)), 0);
+    CHECK(strcmp(got, "") == 0);
+    /* Another epoch than the one asked. */
+    CHECK_EQ(join_answered(&a, "h:v5", 1, "e2", 3, 1, two_three, 2, got, sizeof(got)), 0);
+    CHECK(strcmp(got, "") == 0);
+    /* No resume asked. */
+    CHECK_EQ(join_answered(&a, "h:v6", -1, "e1", 3, 1, two_three, 2, got, sizeof(got)), -1);
+    CHECK(strcmp(got, "") == 0);
+
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+    chan_set_observer(NULL);
+    chan_set_history(NULL, 0);
+}
+
 int main(void)
 {
     loop = ev_default_loop(0);
@@ -1104,6 +1174,7 @@ int main(void)
     test_presence_slow_member(raw);
     test_numbered(raw);
     test_numbered_pattern(raw);
+    test_numbered_answers(raw);
     route_unref(raw);
     return TEST_REPORT();
 }
