@@ -94,10 +94,13 @@ struct hist_entry {
 };
 
 struct history {
-    struct hist_entry *ring;
+    struct hist_entry *ring;   /* NULL while it holds nothing */
     uint32_t cap, head, count; /* head: the oldest entry */
+    uint32_t length;           /* the rule's: what cap grows up to */
     double age;
 };
+
+#define HIST_MIN_CAP 8
 
 /* A live message (or a join's mark) that waits while its channel holds. */
 struct held {
@@ -336,12 +339,14 @@ static const struct config_history *rule_for(const char *name, size_t len)
     return NULL;
 }
 
+/* A history of at most length messages. Its ring grows as they come rather than being made whole
+ * now: a rule may keep a million messages, and every channel it covers is made at its first
+ * publish or subscription. */
 static struct history *hist_new(size_t length, double age)
 {
     struct history *h = xcalloc(1, sizeof(*h));
-    h->cap = (uint32_t)length;
+    h->length = (uint32_t)length;
     h->age = age;
-    h->ring = xcalloc(h->cap, sizeof(*h->ring));
     return h;
 }
 
@@ -366,16 +371,38 @@ static void hist_drop_oldest(struct history *h)
     h->count--;
 }
 
-/* Forget entries older than the history's age. */
+/* Forget entries older than the history's age, and the ring once it holds none. */
 static void hist_expire(struct history *h, double now)
 {
     while (h->count && h->age > 0 && hist_at(h, 0)->time + h->age < now)
         hist_drop_oldest(h);
+    if (!h->count && h->ring) {
+        free(h->ring);
+        h->ring = NULL;
+        h->cap = h->head = 0;
+    }
+}
+
+/* Double the ring (up to the history's length), its entries moved to the front in order. */
+static void hist_grow(struct history *h)
+{
+    uint32_t cap = h->cap ? h->cap * 2 : HIST_MIN_CAP;
+    if (cap > h->length)
+        cap = h->length;
+    struct hist_entry *ring = xmalloc(cap * sizeof(*ring));
+    for (uint32_t i = 0; i < h->count; i++)
+        ring[i] = *hist_at(h, i);
+    free(h->ring);
+    h->ring = ring;
+    h->cap = cap;
+    h->head = 0;
 }
 
 static void hist_append(struct history *h, const struct chan_msg *m, double now)
 {
-    if (h->count == h->cap)
+    if (h->count == h->cap && h->cap < h->length)
+        hist_grow(h);
+    else if (h->count == h->cap)
         hist_drop_oldest(h);
     struct hist_entry *e = hist_at(h, h->count++);
     e->seq = m->seq;
@@ -1206,7 +1233,7 @@ void chan_pub_numbered(struct chan_pub *p, uint64_t seq, const char *epoch, cons
 static void rs_settle_mode(struct chan *ch)
 {
     if (numbering() && ch->hist) {
-        size_t length = ch->hist->cap;
+        size_t length = ch->hist->length;
         double age = ch->hist->age;
         hist_free(ch->hist);
         ch->hist = NULL;

@@ -781,6 +781,37 @@ static void test_presence_slow_member(struct route *raw)
     conn_set_limits(&saved);
 }
 
+/* History kept here: the ring grows as messages come, up to the rule's length, then the oldest
+ * go; a resume gets what is held after since, in order. */
+static void test_history(struct route *raw)
+{
+    struct config_history rule = {.prefix = "k:", .length = 10, .age = 0};
+    chan_set_history(&rule, 1);
+    struct peer a;
+    char got[4096], text[16];
+    uint64_t last;
+    peer_open(&a, raw);
+    const char *ep = chan_epoch();
+    for (int i = 1; i <= 25; i++) {
+        snprintf(text, sizeof(text), "%d", i);
+        publish("k:r", text);
+        if (i == 5) /* the ring has not grown to the length yet */
+            CHECK_EQ(chan_recover("k:r", 3, 0, ep, strlen(ep), &last), 1);
+    }
+    CHECK_EQ(chan_recover("k:r", 3, 15, ep, strlen(ep), &last), 1);
+    CHECK_EQ(chan_recover("k:r", 3, 14, ep, strlen(ep), &last), 0);
+    CHECK_EQ(last, 25);
+    chan_subscribe(a.conn, "k:r", 3);
+    chan_replay(a.conn, "k:r", 3, 15);
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 10);
+    CHECK(strcmp(got, "16|17|18|19|20|21|22|23|24|25|") == 0);
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+    chan_set_history(NULL, 0);
+}
+
 /* --- channels numbered by the observer (Redis, in mirror mode), with a scripted observer --- */
 
 static struct chan_pub *obs_pubs[16];
@@ -1172,6 +1203,7 @@ int main(void)
     test_pattern_deflate();
     test_presence(raw);
     test_presence_slow_member(raw);
+    test_history(raw);
     test_numbered(raw);
     test_numbered_pattern(raw);
     test_numbered_answers(raw);
