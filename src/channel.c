@@ -1035,8 +1035,10 @@ void chan_sweep(ev_tstamp now)
         }
         if (ch->hist) {
             hist_expire(ch->hist, now);
-            if (ch->hist->count) {
-                /* Still holds messages a client may come back for: look again later. */
+            if (ch->hist->count && ch->hist->age > 0) {
+                /* Still holds messages a client may come back for, until they are age old: look
+                 * again later. With no age limit they go with the channel, or every name ever
+                 * published to under the rule would be kept. */
                 idle_unlink(ch);
                 idle_append(ch, now);
                 continue;

@@ -167,7 +167,10 @@ int chan_subscribe_from(struct conn *c, const char *name, size_t len, int64_t si
  * at its mark. j is not valid afterwards. */
 void chan_join_emit(struct chan_join *j);
 
-/* Forget channels that have had no subscriber for idle_ttl seconds. */
+/* Forget channels that have had no subscriber and no publish for idle_ttl seconds, their seq and
+ * their history with them: once no message they hold is younger than their history rule's age
+ * (one that still holds some is looked at again idle_ttl later); with age 0 (no age limit), at
+ * once. */
 void chan_sweep(ev_tstamp now);
 
 /* --- presence ------------------------------------------------------------------------------ */

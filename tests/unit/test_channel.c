@@ -812,6 +812,36 @@ static void test_history(struct route *raw)
     chan_set_history(NULL, 0);
 }
 
+/* A channel nobody subscribes to is forgotten channel_ttl (300 s here) after it went quiet, once
+ * the messages its history holds are age old; with age 0 (no age limit) its history goes with
+ * it. */
+static void test_sweep_history(void)
+{
+    struct config_history rules[] = {{.prefix = "ka:", .length = 10, .age = 1000},
+                                     {.prefix = "k0:", .length = 10, .age = 0}};
+    chan_set_history(rules, 2);
+    publish("ka:x", "1");
+    publish("k0:x", "1");
+    ev_tstamp t = ev_time();
+    size_t subs;
+    uint64_t seq_a, seq_0;
+    chan_sweep(t + 200);
+    chan_info("ka:x", 4, &subs, &seq_a);
+    chan_info("k0:x", 4, &subs, &seq_0);
+    CHECK(seq_a == 1 && seq_0 == 1);
+    chan_sweep(t + 301);
+    chan_info("ka:x", 4, &subs, &seq_a);
+    chan_info("k0:x", 4, &subs, &seq_0);
+    CHECK(seq_a == 1 && seq_0 == 0);
+    chan_sweep(t + 999); /* looked at again, but its message is not 1000 s old */
+    chan_info("ka:x", 4, &subs, &seq_a);
+    CHECK_EQ(seq_a, 1);
+    chan_sweep(t + 1301);
+    chan_info("ka:x", 4, &subs, &seq_a);
+    CHECK_EQ(seq_a, 0);
+    chan_set_history(NULL, 0);
+}
+
 /* --- channels numbered by the observer (Redis, in mirror mode), with a scripted observer --- */
 
 static struct chan_pub *obs_pubs[16];
@@ -1204,6 +1234,7 @@ int main(void)
     test_presence(raw);
     test_presence_slow_member(raw);
     test_history(raw);
+    test_sweep_history();
     test_numbered(raw);
     test_numbered_pattern(raw);
     test_numbered_answers(raw);
