@@ -611,6 +611,7 @@ static void group_deflate(struct group *g, const char **p, size_t *len, int *opc
 }
 
 static struct pmatch *chan_patterns(struct chan *ch);
+static int patterns_want(const struct pmatch *pm, const struct route *r, int bits);
 struct rframe;
 static struct rframe *frame_keep(struct route *r, const char *payload, size_t len, int opcode);
 static struct rframe *frame_set(struct route *r, uint8_t bits, const char *payload, size_t len,
@@ -662,7 +663,8 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         if (g->route != made_for) {
             made_for = g->route;
             made = route_payload(g->route, m, &route_data, &route_len, &route_opcode);
-            if (patterns) /* pattern subscribers on this route get the same payload */
+            /* Kept for the route's pattern subscribers, if a matching pattern has some. */
+            if (patterns && patterns_want(pm, g->route, -1))
                 frame_keep(g->route, made < 0 ? NULL : route_data, route_len, route_opcode);
         }
         if (made < 0)
@@ -672,7 +674,7 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
         int opcode = route_opcode;
         if (g->pmd_bits && opcode != ROUTE_OP_UNFRAMED) {
             group_deflate(g, &payload, &len, &opcode);
-            if (patterns) /* and pattern subscribers with the same window */
+            if (patterns && patterns_want(pm, g->route, g->pmd_bits)) /* and with this window */
                 frame_set(g->route, g->pmd_bits, payload, len, opcode);
         }
         group_make_room(g, len + WS_MAX_HEADER);
@@ -1878,6 +1880,17 @@ static struct rframe *frame_set(struct route *r, uint8_t bits, const char *paylo
 static struct rframe *frame_keep(struct route *r, const char *payload, size_t len, int opcode)
 {
     return frame_set(r, 0, payload, len, opcode);
+}
+
+/* 1 if one of the patterns pm has subscribers on route r with permessage-deflate window bits (any
+ * window, bits -1): only then is a payload made for the channel's own subscribers kept for them. */
+static int patterns_want(const struct pmatch *pm, const struct route *r, int bits)
+{
+    for (uint32_t i = 0; i < pm->n; i++)
+        for (const struct pgroup *g = pm->p[i]->groups; g; g = g->next)
+            if (g->route == r && g->nsubs && (bits < 0 || g->pmd_bits == bits))
+                return 1;
+    return 0;
 }
 
 static struct rframe *frame_find(struct route *r, uint8_t bits)

@@ -590,6 +590,37 @@ static void test_patterns(struct route *raw)
     close(c.fd);
 }
 
+/* Channel and pattern subscribers on different routes each get the message as their route makes
+ * it, whichever of them made it first. */
+static void test_pattern_routes(struct route *raw)
+{
+    struct route *ps = route_new(ROUTE_PUBSUB, "/ws");
+    struct peer a, b, c;
+    char got[4096];
+    peer_open(&a, raw);
+    peer_open(&b, ps);
+    peer_open(&c, raw);
+    chan_subscribe(a.conn, "pr.x", 4);
+    chan_psubscribe(b.conn, "pr.*", 4);
+    chan_psubscribe(c.conn, "pr.*", 4);
+    publish("pr.x", "hi");
+    pass();
+    CHECK_EQ(peer_read(&a, got, sizeof(got), NULL), 1);
+    CHECK(strcmp(got, "hi|") == 0);
+    CHECK_EQ(peer_read(&c, got, sizeof(got), NULL), 1);
+    CHECK(strcmp(got, "hi|") == 0);
+    CHECK_EQ(peer_read(&b, got, sizeof(got), NULL), 1);
+    CHECK(strcmp(got, "{\"op\":\"message\",\"channel\":\"pr.x\",\"seq\":1,\"data\":\"hi\"}|") == 0);
+    conn_close_now(a.conn);
+    conn_close_now(b.conn);
+    conn_close_now(c.conn);
+    pass();
+    close(a.fd);
+    close(b.fd);
+    close(c.fd);
+    route_unref(ps);
+}
+
 /* A pattern group's batch fills up while others hold it: it is handed out and a new one started,
  * and every subscriber still gets every message once, from blocks they share. */
 static void test_pattern_batch_full(struct route *raw)
@@ -1228,6 +1259,7 @@ int main(void)
     test_send_after_shutdown(raw);
     test_fanout_deflate();
     test_patterns(raw);
+    test_pattern_routes(raw);
     test_pattern_batch_full(raw);
     test_batch_cap(raw);
     test_pattern_deflate();
