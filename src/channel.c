@@ -1919,13 +1919,16 @@ static const struct rframe *frame_for(struct route *r, uint8_t bits, struct chan
     }
     if (!bits || f->dropped || f->opcode == ROUTE_OP_UNFRAMED)
         return f;
-    static struct buf plain, z; /* reused: compressing allocates nothing per delivery */
+    static struct buf z; /* reused: compressing allocates nothing per delivery */
+    /* Taking a slot for the compressed form may move the slots (f with them), never f's payload
+     * buffer, and never takes f's slot (it is the current message's): the payload is used where
+     * it lies. */
+    const char *plain = f->payload.data;
+    size_t plain_len = f->payload.len;
     int opcode = f->opcode;
-    plain.len = 0;
-    buf_append(&plain, f->payload.data, f->payload.len); /* f may move when the slot is taken */
-    if (pmd_compress(bits, r->deflate_level, r->deflate_min_size, plain.data, plain.len, &z))
+    if (pmd_compress(bits, r->deflate_level, r->deflate_min_size, plain, plain_len, &z))
         return frame_set(r, bits, z.data, z.len, opcode | WS_FRAME_RSV1);
-    return frame_set(r, bits, plain.data, plain.len, opcode);
+    return frame_set(r, bits, plain, plain_len, opcode);
 }
 
 static struct ppat **match_buf;
