@@ -166,6 +166,7 @@ struct chan_join {
 struct pmatch {
     uint64_t gen;
     uint32_t n, cap;
+    uint32_t reached; /* connections its last message reached through them (and not the channel) */
     struct ppat *p[];
 };
 
@@ -694,6 +695,8 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
     size_t by_pattern = 0;
     if (patterns)
         by_pattern = pattern_deliver(ch, m, pm);
+    if (pm)
+        pm->reached = (uint32_t)by_pattern;
     free(m->decoded);
     m->decoded = NULL;
     if (!m->remote && !m->numbered && observer.published)
@@ -1130,27 +1133,6 @@ void chan_pub_rebind(struct chan_pub *p, chan_pub_fn done, void *arg)
     p->arg = arg;
 }
 
-/* The local connections a message of ch reaches now: its subscribers, and once each the
- * subscribers of patterns matching it who are not also subscribers of ch. */
-static size_t receivers(struct chan *ch)
-{
-    size_t n = ch->nsubs;
-    if (!psub_total || !chan_patterns(ch)->n)
-        return n;
-    uint64_t stamp = ++deliver_stamp;
-    for (struct sub *s = ch->dual; s; s = s->ext->dual_next)
-        s->conn->pattern_stamp = stamp;
-    struct pmatch *pm = ch->pm;
-    for (uint32_t i = 0; i < pm->n; i++)
-        for (struct pgroup *g = pm->p[i]->groups; g; g = g->next)
-            for (uint32_t k = 0; k < g->nsubs; k++)
-                if (g->subs[k]->conn->pattern_stamp != stamp) {
-                    g->subs[k]->conn->pattern_stamp = stamp;
-                    n++;
-                }
-    return n;
-}
-
 /* Give m to the observer to number. Returns as chan_publish_cb. */
 static int hand_over(struct chan *ch, struct chan_msg *m, struct conn *c, chan_pub_fn done, void *arg,
                      struct chan_pub **handle)
@@ -1225,7 +1207,10 @@ void chan_pub_numbered(struct chan_pub *p, uint64_t seq, const char *epoch, cons
             snprintf(ch->rs->epoch, sizeof(ch->rs->epoch), "%s", epoch);
             ch->seq = seq;
         }
-        subscribers = receivers(ch);
+        /* The message is fanned out when it comes back from the observer, maybe after this:
+         * what the channel's last message reached stands for it, rather than walking every
+         * pattern subscriber again to count them. */
+        subscribers = ch->nsubs + (psub_total && ch->pm ? ch->pm->reached : 0);
     }
     if (p->done)
         p->done(p->arg, seq, subscribers, err);
@@ -1964,8 +1949,11 @@ static struct pmatch *chan_patterns(struct chan *ch)
     }
     if (!pm || pm->cap < match_n) {
         uint32_t cap = match_n > 4 ? (uint32_t)match_n : 4;
+        int fresh = !pm;
         pm = xrealloc(pm, sizeof(*pm) + cap * sizeof(pm->p[0]));
         pm->cap = cap;
+        if (fresh)
+            pm->reached = 0;
         ch->pm = pm;
     }
     pm->n = (uint32_t)match_n;

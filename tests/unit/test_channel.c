@@ -953,6 +953,7 @@ static void on_joined(struct conn *c, struct chan_join *j, const struct chan_joi
 struct pubbed {
     int calls;
     uint64_t seq;
+    size_t subscribers;
     const char *err;
 };
 
@@ -961,6 +962,7 @@ static void on_pubbed(void *arg, uint64_t seq, size_t subscribers, const char *e
     struct pubbed *p = arg;
     p->calls++;
     p->seq = seq;
+    p->subscribers = subscribers;
     p->err = err;
 }
 
@@ -1135,7 +1137,15 @@ static void test_numbered_pattern(struct route *raw)
     struct peer a;
     peer_open(&a, raw);
     CHECK_EQ(chan_psubscribe(a.conn, "h:p.*", 5), 1);
+    /* A publish numbered by the observer counts the connections the channel's last message
+     * reached: here one, through the pattern. */
+    struct pubbed pb = {0};
+    struct chan_msg m = {.channel = "h:p.x", .channel_len = 5, .data = "one", .len = 3, .utf8 = -1,
+                         .json = -1};
+    CHECK_EQ(chan_publish_cb(&m, NULL, on_pubbed, &pb, NULL), 0);
     numbered("h:p.x", "e1", 1, "one");
+    chan_pub_numbered(obs_pubs[--obs_npubs], 1, "e1", NULL);
+    CHECK(pb.calls == 1 && pb.seq == 1 && pb.subscribers == 1);
 
     /* No resume: the subscription starts at its mark, the pattern serves until then. */
     struct joined ja = {.emit = 1};
