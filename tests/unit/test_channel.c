@@ -621,6 +621,30 @@ static void test_pattern_routes(struct route *raw)
     route_unref(ps);
 }
 
+/* Whether a pattern with subscribers matches a channel: from a known channel's cached matches,
+ * else through the trie. */
+static void test_pattern_wanted(struct route *raw)
+{
+    struct peer a;
+    peer_open(&a, raw);
+    CHECK_EQ(chan_pattern_wanted("w.a", 3), 0);
+    chan_psubscribe(a.conn, "w.*", 3);
+    publish("w.a", "1"); /* known, its matches cached */
+    unsigned long long walks = figure("patterns", "walks");
+    CHECK_EQ(chan_pattern_wanted("w.a", 3), 1);
+    CHECK_EQ(figure("patterns", "walks"), walks);
+    CHECK_EQ(chan_pattern_wanted("w.b", 3), 1);
+    CHECK_EQ(chan_pattern_wanted("x.a", 3), 0);
+    CHECK_EQ(figure("patterns", "walks"), walks + 2);
+    chan_psubscribe(a.conn, "q.*", 3);
+    chan_punsubscribe(a.conn, "w.*", 3); /* the cache is stale now */
+    pass();
+    CHECK_EQ(chan_pattern_wanted("w.a", 3), 0);
+    conn_close_now(a.conn);
+    pass();
+    close(a.fd);
+}
+
 /* A pattern group's batch fills up while others hold it: it is handed out and a new one started,
  * and every subscriber still gets every message once, from blocks they share. */
 static void test_pattern_batch_full(struct route *raw)
@@ -1270,6 +1294,7 @@ int main(void)
     test_fanout_deflate();
     test_patterns(raw);
     test_pattern_routes(raw);
+    test_pattern_wanted(raw);
     test_pattern_batch_full(raw);
     test_batch_cap(raw);
     test_pattern_deflate();
