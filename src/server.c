@@ -1272,7 +1272,9 @@ static void on_readable(struct conn *c)
         return; /* discarded: only EOF is awaited */
     if (c->state == CONN_HTTP) {
         used = process_http(c, (char *)buf, len);
-        if (c->state == CONN_WS)
+        /* Frames that came with the handshake wait for its 101 if that waits for Redis: they
+         * are kept (below) and served once it is out. */
+        if (c->state == CONN_WS && !c->awaiting)
             used += process_ws(c, buf + used, len - used);
     } else {
         if (c->state == CONN_WS && n) /* while closing, only the close timeout counts */
