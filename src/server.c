@@ -48,12 +48,15 @@ struct http_req_state {
  * history Redis keeps (the reply carries the seq), or a WebSocket handshake or an event stream
  * that subscribes to such channels (a subscription starts where Redis says the channel is: the
  * response goes once Redis has said so for each). The connection reads nothing meanwhile, so
- * pipelined requests keep their order. */
+ * pipelined requests keep their order; but a peer that hangs up is noticed (hangup), and the wait
+ * lasts http_timeout at most (see wait_expired). */
 enum wait_kind { WAIT_PUBLISH, WAIT_HANDSHAKE, WAIT_STREAM };
 struct waiting {
     enum wait_kind kind;
     struct conn *conn;
     struct http_req_state *rs;  /* what the response and the access log need of the request */
+    struct chan_pub *pub;       /* PUBLISH: the publish Redis is to number */
+    ev_io hangup;               /* the socket, watched for the peer's EOF while reading is off */
     struct buf head;            /* HANDSHAKE: the 101 up to its final blank line; STREAM: all */
     struct buf extra;           /* header lines the answers add (a raw route's X-Herald-*) */
     uint32_t joins;             /* answers still to come */
@@ -80,6 +83,7 @@ static void (*shutdown_done)(void);
 static struct buf out; /* response scratch */
 
 static void on_readable(struct conn *c);
+static void on_detach(struct conn *c, uint16_t code, const char *reason);
 static void ip_release(struct conn *c);
 static void wait_finish(struct conn *c);
 
@@ -330,6 +334,7 @@ struct publish_now {
 
 static void waiting_free(struct waiting *w)
 {
+    ev_io_stop(loop, &w->hangup);
     rs_free(w->rs);
     buf_free(&w->head);
     buf_free(&w->extra);
@@ -338,6 +343,37 @@ static void waiting_free(struct waiting *w)
     buf_free(&w->list);
     free(w->ready);
     free(w);
+}
+
+/* The socket of a connection whose answer waits is readable: at EOF or on an error the peer is
+ * gone, and the connection is closed now (which cancels what it waited for and frees w: libev lets
+ * a stopped watcher go in its own callback). Input is left where it is, for after the answer, and
+ * no longer watched: the wait is bounded anyway. */
+static void on_wait_readable(struct ev_loop *l, ev_io *io, int revents)
+{
+    struct waiting *w = io->data;
+    char byte;
+    ssize_t n = recv(io->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n > 0) {
+        ev_io_stop(l, io);
+        return;
+    }
+    conn_close_now(w->conn);
+}
+
+/* c's answer waits for Redis (w, which c's waits now own): c reads nothing until it is out, is
+ * closed if the peer hangs up meanwhile, and is given up after http_timeout (on_timeout). */
+static void wait_begin(struct conn *c, struct waiting *w)
+{
+    w->conn = c;
+    conn_waits(c)->waiting = w;
+    conn_set_awaiting(c, 1);
+    conn_set_timeout_class(c, CONN_TO_HTTP);
+    ev_io_init(&w->hangup, on_wait_readable, c->io.fd, EV_READ);
+    w->hangup.data = w;
+    ev_io_start(loop, &w->hangup);
 }
 
 /* A publish's outcome, at once (arg: struct publish_now) or from Redis (arg: struct waiting). */
@@ -375,13 +411,12 @@ static void finish_publish(struct conn *c, const struct reply_ctx *rc, struct ht
     if (chan_publish_cb(&m, c, published_now, &now, &pending) == 0) {
         struct waiting *w = xcalloc(1, sizeof(*w));
         w->kind = WAIT_PUBLISH;
-        w->conn = c;
         w->rs = rs;
+        w->pub = pending;
         buf_free(&rs->body); /* Redis has it */
-        conn_waits(c)->waiting = w;
         chan_pub_rebind(pending, published_later, w);
         *kept = 1;
-        conn_set_awaiting(c, 1);
+        wait_begin(c, w);
     }
 }
 
@@ -635,7 +670,6 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
          * meanwhile. route_open joins them now, and subscribes the rest once the 101 is out. */
         w = xcalloc(1, sizeof(*w));
         w->kind = WAIT_HANDSHAKE;
-        w->conn = c;
         w->rs = rs_for_log(req);
         buf_append(&w->head, out.data, out.len - 2);
         buf_append(&w->path, path, path_len);
@@ -643,8 +677,7 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
             w->has_query = 1;
             buf_append(&w->query, req->query, req->query_len);
         }
-        conn_waits(c)->waiting = w;
-        conn_set_awaiting(c, 1);
+        wait_begin(c, w);
     } else {
         conn_queue_copy(c, out.data, out.len);
         access_log(c, req, 101, 0);
@@ -657,7 +690,8 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         c->wp.deflate = 1;
         pmd_stats.websockets++;
     }
-    conn_set_timeout_class(c, CONN_TO_WS);
+    if (!w)
+        conn_set_timeout_class(c, CONN_TO_WS); /* else once the 101 is out */
     stats.websockets++;
     c->is_ws = 1;
     route_open(r, c, path, path_len, req->query, req->query_len);
@@ -693,6 +727,7 @@ static void wait_finish(struct conn *c)
         access_log(c, &req, 200, 0);
     }
     conn_set_awaiting(c, 0);
+    conn_set_timeout_class(c, CONN_TO_WS);
     for (size_t i = 0; i < w->nready; i++)
         chan_join_emit(w->ready[i]);
     if (w->kind == WAIT_HANDSHAKE)
@@ -724,6 +759,35 @@ static void wait_joined(struct conn *c, struct chan_join *j, const struct chan_j
     }
     w->joins--;
     wait_finish(c);
+}
+
+/* Redis has not answered c's waiting request in http_timeout: a publish is answered as failed
+ * (it may have been published), and a handshake or an event stream is refused with 503 (its
+ * subscriptions go, and the connection closes once the answer is out). */
+static void wait_expired(struct conn *c)
+{
+    struct waiting *w = c->waits->waiting;
+    c->waits->waiting = NULL;
+    struct http_request req;
+    rs_request(w->rs, w->kind == WAIT_PUBLISH ? "POST" : "GET", &req);
+    if (w->kind == WAIT_PUBLISH) {
+        struct reply_ctx rc = {.req = &req, .keep_alive = w->rs->keep_alive};
+        chan_pub_cancel(w->pub);
+        publish_respond(c, &rc, w->rs->channel, w->rs->channel_len, 0, 0,
+                        "Redis did not answer in time (the message may have been published)");
+        conn_touch(c); /* a kept connection is idle from now */
+    } else {
+        struct reply_ctx rc = {.req = &req};
+        respond_text(c, &rc, 503, "Redis, which keeps the history of these channels, did not answer "
+                     "in time", "Retry-After: 5\r\n");
+        on_detach(c, WS_CLOSE_ABNORMAL, "");
+    }
+    waiting_free(w);
+    conn_set_awaiting(c, 0);
+    /* Requests pipelined after a publish are served now: the read event conn_set_awaiting feeds
+     * would be lost when the sweep writes the answer and the watcher's events change. */
+    if (c->pending && c->state == CONN_HTTP)
+        on_readable(c);
 }
 
 void server_join(struct conn *c, const char *name, size_t len, int64_t since, const char *ep,
@@ -939,7 +1003,6 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
          * is, so that nothing published after the head is missed. */
         struct waiting *w = xcalloc(1, sizeof(*w));
         w->kind = WAIT_STREAM;
-        w->conn = c;
         w->rs = rs_for_log(req);
         buf_append(&w->head, out.data, out.len);
         buf_append(&w->list, list.data, list.len);
@@ -948,8 +1011,7 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
             buf_append(&w->list, x.ids, x.ids_len);
             w->ids_len = x.ids_len;
         }
-        conn_waits(c)->waiting = w;
-        conn_set_awaiting(c, 1);
+        wait_begin(c, w);
         x.waiting = 1;
         x.subscribe = 1;
         each_name(list.data, list.len, sse_channel, &x);
@@ -1290,8 +1352,8 @@ static void on_readable(struct conn *c)
 
 static void on_timeout(struct conn *c)
 {
-    if (c->awaiting) { /* waiting for Redis, not idle: an outage fails it when the link goes */
-        conn_touch(c);
+    if (CONN_WAIT(c, waiting)) { /* Redis has not answered in http_timeout */
+        wait_expired(c);
         return;
     }
     switch (c->state) {
