@@ -1048,6 +1048,10 @@ static void fetch_answer(struct rcmd *c, const redisReply *r)
         e[k].is_json = kind->len == 1 && kind->str[0] == 'j' && json_valid(d->str, d->len);
         k++;
     }
+    /* A replay with a hole is no replay: the client is told it was not recovered. (What a range
+     * lacks is counted as missed, like what the history no longer holds.) */
+    if (k < n && rec == 1)
+        rec = 0;
     char epoch[CHAN_EPOCH_MAX + 1];
     snprintf(epoch, sizeof(epoch), "%.*s", (int)r->element[0]->len, r->element[0]->str);
     struct chan_fetch_result res = {.epoch = epoch, .last = last, .recovered = (int)rec, .n = k,
