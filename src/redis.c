@@ -1931,23 +1931,28 @@ static void on_fetch(redisAsyncContext *ac, void *r, void *priv)
     free(f);
 }
 
-static void replica_fetch(struct replica *rep, const char *name, size_t len)
+/* Fetch the channel's members of other nodes into rep. Returns 0, or -1 when the publisher
+ * cannot take the command now (rep then waits for it: REP_WAIT). */
+static int replica_fetch(struct replica *rep, const char *name, size_t len)
 {
     rep->gen++;
     rep->backlog.len = 0;
-    if (!R.pub.ready) {
-        rep->state = REP_WAIT;
-        return;
-    }
+    rep->state = REP_WAIT;
+    if (!pub_usable())
+        return -1;
     struct fetch *f = xmalloc(sizeof(*f) + len);
     f->gen = rep->gen;
     f->len = len;
     memcpy(f->name, name, len);
     const char *argv[4] = {"EVAL", LUA_FETCH, "0", name};
     size_t lens[4] = {4, sizeof(LUA_FETCH) - 1, 1, len};
+    if (redisAsyncCommandArgv(R.pub.ac, on_fetch, f, 4, argv, lens) != REDIS_OK) {
+        free(f);
+        return -1;
+    }
     rep->state = REP_LOADING;
     R.fetches++;
-    redisAsyncCommandArgv(R.pub.ac, on_fetch, f, 4, argv, lens);
+    return 0;
 }
 
 /* A channel gained its first local member or listener: follow it; or lost its last: stop. */
@@ -1974,14 +1979,17 @@ static void on_presence_interest(const char *name, size_t len, int on, void *arg
 /* Is the channel's view complete? A channel this node does not follow is fetched now. */
 static int on_presence_complete(const char *name, size_t len, void *arg)
 {
-    if (!R.pub.ready || !R.sub.ready)
+    if (!pub_usable() || !R.sub.ready)
         return 1; /* it will not be better soon: answer with what is known */
     struct replica *rep = replica_find(name, len);
     if (rep)
         return rep->state == REP_READY;
     struct sentry *e = smap_put(&R.replicas, name, len);
     e->value = rep = xcalloc(1, sizeof(*rep));
-    replica_fetch(rep, name, len);
+    if (replica_fetch(rep, name, len) < 0) {
+        replica_free(name, len);
+        return 1;
+    }
     return 0;
 }
 
@@ -1998,7 +2006,7 @@ static void on_presence_remote(const char *name, size_t len, chan_member_fn fn, 
 static void eval(const char *script, size_t script_len, redisCallbackFn *cb, int argc,
                  const char **args, const size_t *lens)
 {
-    if (!R.pub.ready)
+    if (!pub_usable())
         return;
     const char *argv[8];
     size_t alen[8];
@@ -2078,7 +2086,7 @@ static void resync_channel(const char *name, size_t len, void *arg)
 /* Make Redis hold exactly this node's members (one script, however many). */
 static void resync(void)
 {
-    if (!R.pub.ready)
+    if (!pub_usable())
         return;
     char ttl[32];
     snprintf(ttl, sizeof(ttl), "%.0f", R.cfg->presence_ttl * 1000);
@@ -2255,7 +2263,7 @@ static void on_sub_reply(redisAsyncContext *ac, void *r, void *priv)
 static void on_published(const struct chan_msg *m, void *arg)
 {
     struct link *l = &R.pub;
-    if (!l->ready) {
+    if (!pub_usable()) {
         R.mirror_dropped++;
         return;
     }
@@ -2271,7 +2279,10 @@ static void on_published(const struct chan_msg *m, void *arg)
     buf_append(&scratch, m->data, m->len);
     const char *argv[3] = {"PUBLISH", m->channel, scratch.data};
     size_t lens[3] = {7, m->channel_len, scratch.len};
-    redisAsyncCommandArgv(l->ac, NULL, NULL, 3, argv, lens);
+    if (redisAsyncCommandArgv(l->ac, NULL, NULL, 3, argv, lens) != REDIS_OK) {
+        R.mirror_dropped++;
+        return;
+    }
     R.mirror_published++;
 }
 
@@ -2577,7 +2588,7 @@ void redis_src_configure(struct ev_loop *loop, const struct config *cfg)
 
 void redis_src_stop(void)
 {
-    if (R.cfg && R.cfg->mirror && R.pub.ready) {
+    if (R.cfg && R.cfg->mirror && pub_usable()) {
         /* Leaving for good: this node's members leave now, announced to the other nodes, rather
          * than when its key expires. The connection closes once Redis has answered. */
         const char *args[1] = {R.node_id};
