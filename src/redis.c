@@ -66,6 +66,8 @@
 #define PUBLISH_BACKLOG_MIN (16u << 20)
 /* A connection that stayed up this long resets the backoff: the next outage retries quickly. */
 #define STABLE_AFTER 5.0
+/* The elements of an array of a command's arguments: their count. */
+#define NARGS(argv) ((int)(sizeof(argv) / sizeof((argv)[0])))
 
 /* A small hash table of strings (SipHash-keyed: names come from clients and Redis), each with a
  * value of its user's. */
@@ -791,8 +793,9 @@ enum cmd_state {
     CMD_HELD,  /* not sent: a command before it waits to be sent again */
 };
 
-/* A script command to the publisher, with a copy of its arguments (from numkeys on), so that it
- * can be sent again. */
+/* A script command to the publisher, with a copy of its arguments (from numkeys on) after the
+ * two that cmd_send sets (EVALSHA and the SHA1, or EVAL and the script), so that it can be sent
+ * again. */
 struct rcmd {
     struct rcmd *next;
     uint8_t script;
@@ -800,9 +803,9 @@ struct rcmd {
     struct chan_pub *pub;     /* SCRIPT_PUBLISH */
     struct chan_fetch *fetch; /* SCRIPT_JOIN, SCRIPT_RANGE; NULL once failed from elsewhere */
     struct mark *mark;        /* SCRIPT_JOIN: its mark, while that has not come */
-    int argc;
+    int argc;                 /* the whole command's */
     size_t *lens;
-    char **argv;
+    const char **argv;
 };
 
 /* A join waiting for its mark in the live stream. */
@@ -902,6 +905,7 @@ static size_t key_name(char *out, size_t cap, const char *name, size_t len, cons
     return (size_t)snprintf(out, cap, "herald:{%.*s}:%s", (int)len, name, what);
 }
 
+/* A command calling script with argv[0..argc) (numkeys, the keys, the arguments), copied. */
 static struct rcmd *cmd_new(int script, int argc, const char **argv, const size_t *lens)
 {
     size_t total = 0;
@@ -909,13 +913,13 @@ static struct rcmd *cmd_new(int script, int argc, const char **argv, const size_
         total += lens[i];
     struct rcmd *c = xcalloc(1, sizeof(*c));
     c->script = (uint8_t)script;
-    c->argc = argc;
-    c->lens = xmalloc(argc * sizeof(*c->lens));
-    c->argv = xmalloc(argc * sizeof(*c->argv) + total);
-    char *p = (char *)(c->argv + argc);
+    c->argc = 2 + argc;
+    c->lens = xmalloc(c->argc * sizeof(*c->lens));
+    c->argv = xmalloc(c->argc * sizeof(*c->argv) + total);
+    char *p = (char *)(c->argv + c->argc);
     for (int i = 0; i < argc; i++) {
-        c->argv[i] = p;
-        c->lens[i] = lens[i];
+        c->argv[2 + i] = p;
+        c->lens[2 + i] = lens[i];
         memcpy(p, argv[i], lens[i]);
         p += lens[i];
     }
@@ -937,17 +941,11 @@ static int cmd_send(struct rcmd *c, int eval)
 {
     if (!pub_usable())
         return -1;
-    const char *argv[16];
-    size_t lens[16];
-    argv[0] = eval ? "EVAL" : "EVALSHA";
-    lens[0] = strlen(argv[0]);
-    argv[1] = eval ? script_text[c->script] : script_sha[c->script];
-    lens[1] = strlen(argv[1]);
-    for (int i = 0; i < c->argc && i < 14; i++) {
-        argv[2 + i] = c->argv[i];
-        lens[2 + i] = c->lens[i];
-    }
-    if (redisAsyncCommandArgv(R.pub.ac, on_cmd_reply, c, 2 + c->argc, argv, lens) != REDIS_OK)
+    c->argv[0] = eval ? "EVAL" : "EVALSHA";
+    c->lens[0] = strlen(c->argv[0]);
+    c->argv[1] = eval ? script_text[c->script] : script_sha[c->script];
+    c->lens[1] = strlen(c->argv[1]);
+    if (redisAsyncCommandArgv(R.pub.ac, on_cmd_reply, c, c->argc, c->argv, c->lens) != REDIS_OK)
         return -1;
     c->state = CMD_SENT;
     R.cmds_sent++;
@@ -1175,7 +1173,7 @@ static int on_number(struct chan_pub *p, const struct chan_msg *m, size_t length
                           R.node_id};
     size_t lens[] = {1, k1n, k2n, m->channel_len, 1, m->len, strlen(len_s), strlen(age_s), 16,
                      NODE_ID_LEN};
-    struct rcmd *c = cmd_new(SCRIPT_PUBLISH, 10, argv, lens);
+    struct rcmd *c = cmd_new(SCRIPT_PUBLISH, NARGS(argv), argv, lens);
     c->pub = p;
     if (cmd_submit(c) < 0) {
         cmd_free(c);
@@ -1198,7 +1196,7 @@ static int fetch_send(struct chan_fetch *f)
         snprintf(b, sizeof(b), "%llu", (unsigned long long)f->until);
         const char *argv[] = {"2", k1, k2, a, b};
         size_t lens[] = {1, k1n, k2n, strlen(a), strlen(b)};
-        c = cmd_new(SCRIPT_RANGE, 5, argv, lens);
+        c = cmd_new(SCRIPT_RANGE, NARGS(argv), argv, lens);
     } else {
         snprintf(a, sizeof(a), "%lld", (long long)f->since);
         snprintf(b, sizeof(b), "%lld", (long long)f->since + 1);
@@ -1209,7 +1207,7 @@ static int fetch_send(struct chan_fetch *f)
         const char *argv[] = {"2", k1, k2, f->name, a, f->epoch, len_s, age_s, ep, R.node_id, token, b};
         size_t lens[] = {1, k1n, k2n, f->name_len, strlen(a), strlen(f->epoch), strlen(len_s),
                          strlen(age_s), 16, NODE_ID_LEN, strlen(token), strlen(b)};
-        c = cmd_new(SCRIPT_JOIN, 12, argv, lens);
+        c = cmd_new(SCRIPT_JOIN, NARGS(argv), argv, lens);
     }
     c->fetch = f;
     if (cmd_submit(c) < 0) {
@@ -2003,40 +2001,38 @@ static void on_presence_remote(const char *name, size_t len, chan_member_fn fn, 
             fn(e->key, e->klen, e->value, e->vlen, NULL, fn_arg);
 }
 
+/* Run script (it takes no keys) on the publisher, if it can take it now. argv[0..argc) and lens
+ * are the whole command: the first three (EVAL, the script, 0) are set here, the rest are the
+ * script's arguments. */
 static void eval(const char *script, size_t script_len, redisCallbackFn *cb, int argc,
-                 const char **args, const size_t *lens)
+                 const char **argv, size_t *lens)
 {
     if (!pub_usable())
         return;
-    const char *argv[8];
-    size_t alen[8];
     argv[0] = "EVAL";
-    alen[0] = 4;
+    lens[0] = 4;
     argv[1] = script;
-    alen[1] = script_len;
+    lens[1] = script_len;
     argv[2] = "0";
-    alen[2] = 1;
-    for (int i = 0; i < argc && i < 5; i++) {
-        argv[3 + i] = args[i];
-        alen[3 + i] = lens[i];
-    }
-    redisAsyncCommandArgv(R.pub.ac, cb, NULL, 3 + argc, argv, alen);
+    lens[2] = 1;
+    redisAsyncCommandArgv(R.pub.ac, cb, NULL, argc, argv, lens);
 }
 
 static void on_presence_join(const char *name, size_t len, const char *id, size_t id_len,
                              const char *info, size_t info_len, void *arg)
 {
-    const char *args[4] = {R.node_id, name, id, info};
-    size_t lens[4] = {NODE_ID_LEN, len, id_len, info_len};
-    eval(LUA_JOIN, sizeof(LUA_JOIN) - 1, NULL, 4, args, lens); /* when down: the resync does it */
+    const char *argv[] = {NULL, NULL, NULL, R.node_id, name, id, info};
+    size_t lens[] = {0, 0, 0, NODE_ID_LEN, len, id_len, info_len};
+    /* When the publisher is down, the resync that follows its return does it. */
+    eval(LUA_JOIN, sizeof(LUA_JOIN) - 1, NULL, NARGS(argv), argv, lens);
 }
 
 static void on_presence_leave(const char *name, size_t len, const char *id, size_t id_len,
                               const char *info, size_t info_len, void *arg)
 {
-    const char *args[3] = {R.node_id, name, id};
-    size_t lens[3] = {NODE_ID_LEN, len, id_len};
-    eval(LUA_LEAVE, sizeof(LUA_LEAVE) - 1, NULL, 3, args, lens);
+    const char *argv[] = {NULL, NULL, NULL, R.node_id, name, id};
+    size_t lens[] = {0, 0, 0, NODE_ID_LEN, len, id_len};
+    eval(LUA_LEAVE, sizeof(LUA_LEAVE) - 1, NULL, NARGS(argv), argv, lens);
 }
 
 /* The resync's arguments: every local member of every followed channel. Member ids are made in
@@ -2122,10 +2118,12 @@ static void on_beat_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     char ttl[32];
     snprintf(ttl, sizeof(ttl), "%.0f", R.cfg->presence_ttl * 1000);
-    const char *args[2] = {R.node_id, ttl};
-    size_t lens[2] = {NODE_ID_LEN, strlen(ttl)};
-    eval(LUA_BEAT, sizeof(LUA_BEAT) - 1, on_beat, 2, args, lens);
-    eval(LUA_REAP, sizeof(LUA_REAP) - 1, NULL, 0, NULL, NULL);
+    const char *argv[] = {NULL, NULL, NULL, R.node_id, ttl};
+    size_t lens[] = {0, 0, 0, NODE_ID_LEN, strlen(ttl)};
+    eval(LUA_BEAT, sizeof(LUA_BEAT) - 1, on_beat, NARGS(argv), argv, lens);
+    const char *reap[3];
+    size_t reap_lens[3];
+    eval(LUA_REAP, sizeof(LUA_REAP) - 1, NULL, NARGS(reap), reap, reap_lens);
 }
 
 /* The publisher is (again) ready: write this node's members, fetch what waits for it. */
@@ -2591,9 +2589,9 @@ void redis_src_stop(void)
     if (R.cfg && R.cfg->mirror && pub_usable()) {
         /* Leaving for good: this node's members leave now, announced to the other nodes, rather
          * than when its key expires. The connection closes once Redis has answered. */
-        const char *args[1] = {R.node_id};
-        size_t lens[1] = {NODE_ID_LEN};
-        eval(LUA_GONE, sizeof(LUA_GONE) - 1, NULL, 1, args, lens);
+        const char *argv[] = {NULL, NULL, NULL, R.node_id};
+        size_t lens[] = {0, 0, 0, NODE_ID_LEN};
+        eval(LUA_GONE, sizeof(LUA_GONE) - 1, NULL, NARGS(argv), argv, lens);
         redisAsyncContext *ac = R.pub.ac;
         R.pub.ac = NULL;
         R.pub.ready = 0;
