@@ -1618,7 +1618,7 @@ int script_accept(struct route *r, struct conn *c, const struct http_request *re
     /* A built-in route's clients get their objects when they are first needed. */
     if (r->kind != ROUTE_SCRIPT && st->fn[HOOK_OPEN] == LUA_NOREF)
         return 0;
-    script_refused(c, r); /* a client object left from an earlier request on this connection */
+    /* c has no client object: a refused handshake or event stream drops the one it got. */
     struct open_ctx x = {.st = st, .c = c, .req = req, .path = path, .path_len = path_len,
                          .ref = LUA_NOREF};
     int rc = run(st, st->L, HOOK_OPEN, do_open, &x, 0);
