@@ -5,8 +5,12 @@
 #include "conn.h"
 
 #include <ev.h>
-#include <malloc.h>
 #include <stdlib.h>
+/* The heap in use is known from glibc's mallinfo2 (2.33 and later); elsewhere it is left out. */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+#include <malloc.h>
+#define HAVE_MALLINFO2 1
+#endif
 
 struct stats stats;
 
@@ -35,17 +39,15 @@ struct figure {
     double value;
 };
 
+#ifdef HAVE_MALLINFO2
 /* Bytes the process has from malloc and not freed (the allocator's own view, so a leak shows
  * here even where RSS hides it in pages that were already touched). */
 static size_t heap_bytes(void)
 {
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
     struct mallinfo2 mi = mallinfo2();
     return mi.uordblks + mi.hblkhd;
-#else
-    return 0;
-#endif
 }
+#endif
 
 /* Every figure /stats and /metrics show, in one place so the two cannot drift apart. */
 static size_t collect(struct figure *f)
@@ -85,7 +87,9 @@ static size_t collect(struct figure *f)
     FIG("messages_too_big", COUNTER, "Messages refused for exceeding max_message",
         stats.messages_too_big);
     FIG("request_errors", COUNTER, "Malformed requests on the pub/sub route", stats.request_errors);
+#ifdef HAVE_MALLINFO2
     FIG("heap_bytes", GAUGE, "Bytes allocated with malloc and in use", heap_bytes());
+#endif
     FIG("uptime_s", GAUGE, "Seconds since start", ev_time() - stats.started);
 #undef FIG
     return n;
