@@ -2321,138 +2321,144 @@ static void json_str(struct buf *b, const char *s)
     b->len += json_string_encode(s, n, out);
 }
 
+/* The groups of figures: /stats nests them (redis, redis.mirror, redis.mirror.history,
+ * redis.mirror.presence); /metrics names them with a prefix. */
+enum { FIG_REDIS, FIG_MIRROR, FIG_HISTORY, FIG_PRESENCE, FIG_GROUPS };
+static const char *const fig_prefix[FIG_GROUPS] = {"redis_", "redis_mirror_", "redis_history_",
+                                                   "redis_mirror_presence_"};
+#define FIG_MAX 24
+
+struct figures {
+    struct stats_figure f[FIG_GROUPS][FIG_MAX];
+    size_t n[FIG_GROUPS];
+};
+
+/* Every figure of /stats's "redis" object and of /metrics's herald_redis_*, in one place so that
+ * the two cannot drift apart. */
+static void collect(struct figures *x)
+{
+    int on = R.cfg != NULL, mirror = on && R.cfg->mirror;
+    struct chan_rstats h;
+    chan_rstats_get(&h);
+    size_t remote = 0;
+    for (size_t i = 0; i < R.replicas.size; i++)
+        for (struct sentry *e = R.replicas.b[i]; e; e = e->next)
+            remote += ((struct replica *)e->value)->members.count;
+    memset(x->n, 0, sizeof(x->n));
+#define FIG(g, nm, ty, hp, val)                                                                    \
+    x->f[g][x->n[g]++] = (struct stats_figure){nm, STATS_##ty, hp, (double)(val)}
+    FIG(FIG_REDIS, "configured", FLAG, "1 when a Redis source is configured", on);
+    FIG(FIG_REDIS, "connected", FLAG, "1 when the Redis source is connected", connected());
+    FIG(FIG_REDIS, "reconnects", COUNTER, "Reconnections to Redis after a lost connection",
+        R.sub.reconnects);
+    FIG(FIG_REDIS, "messages_received", COUNTER, "Messages received from Redis", R.received);
+    FIG(FIG_REDIS, "messages_published", COUNTER, "Messages from Redis published to local channels",
+        R.published);
+    FIG(FIG_REDIS, "messages_dropped", COUNTER,
+        "Messages from Redis dropped (invalid channel name, over max_message)", R.dropped);
+    FIG(FIG_REDIS, "own_messages_dropped", COUNTER,
+        "This node's mirrored messages coming back from Redis, dropped", R.own_dropped);
+    FIG(FIG_REDIS, "subscriptions", GAUGE, "Redis channels and patterns subscribed", R.subscriptions);
+    FIG(FIG_REDIS, "channels", GAUGE, "Redis channels configured", on ? R.cfg->nchannels : 0);
+    FIG(FIG_REDIS, "patterns", GAUGE, "Redis patterns configured", on ? R.cfg->npatterns : 0);
+
+    FIG(FIG_MIRROR, "enabled", FLAG, "1 when mirror mode is on", mirror);
+    FIG(FIG_MIRROR, "connected", FLAG, "1 when the mirror publisher is connected",
+        mirror && R.pub.ready);
+    FIG(FIG_MIRROR, "reconnects", COUNTER,
+        "Reconnections of the mirror publisher after a lost connection", R.pub.reconnects);
+    FIG(FIG_MIRROR, "published", COUNTER, "Messages mirrored to Redis", R.mirror_published);
+    FIG(FIG_MIRROR, "dropped", COUNTER, "Messages not mirrored (publisher down or too far behind)",
+        R.mirror_dropped);
+    FIG(FIG_MIRROR, "patterns", GAUGE, "Redis globs subscribed for local pattern subscribers",
+        R.nglobs);
+    FIG(FIG_MIRROR, "duplicates_dropped", COUNTER,
+        "Copies of a message from Redis dropped because another subscription brought it",
+        R.duplicates_dropped);
+    FIG(FIG_MIRROR, "filtered", COUNTER, "Messages through a pattern's glob that no local pattern "
+        "wanted", R.filtered);
+
+    FIG(FIG_HISTORY, "channels", GAUGE, "Channels whose history Redis keeps", h.channels);
+    FIG(FIG_HISTORY, "publishes", COUNTER, "Messages handed to Redis to be numbered and kept",
+        h.publishes);
+    FIG(FIG_HISTORY, "publish_errors", COUNTER,
+        "Publishes refused or failed because Redis could not number them", h.publish_errors);
+    FIG(FIG_HISTORY, "in_flight", GAUGE, "History scripts sent to Redis and not answered",
+        R.cmds_sent);
+    FIG(FIG_HISTORY, "joins", COUNTER,
+        "Subscriptions that joined a channel through Redis (with or without a resume)", h.joins);
+    FIG(FIG_HISTORY, "join_errors", COUNTER,
+        "Subscriptions refused because Redis could not be reached", h.join_errors);
+    FIG(FIG_HISTORY, "joining", GAUGE, "Subscriptions waiting for their join point", h.joining);
+    FIG(FIG_HISTORY, "joins_waiting", GAUGE,
+        "Joins waiting for this node to hear their channel, or for Redis", R.nfwait);
+    FIG(FIG_HISTORY, "fetches", COUNTER, "Join and gap fetches sent to Redis", h.fetches);
+    FIG(FIG_HISTORY, "marks", COUNTER, "Join marks that came back through the live stream",
+        R.marks_seen);
+    FIG(FIG_HISTORY, "gaps_filled", COUNTER, "Gaps in a channel's live stream filled from its "
+        "history", h.gaps);
+    FIG(FIG_HISTORY, "missed", COUNTER, "Seqs that could not be filled (no longer in the history)",
+        h.missed);
+    FIG(FIG_HISTORY, "duplicates", COUNTER, "Numbered messages seen twice, dropped", h.duplicates);
+    FIG(FIG_HISTORY, "held", GAUGE, "Live messages held while a gap is filled or a join is answered",
+        h.held);
+    FIG(FIG_HISTORY, "epoch_changes", COUNTER,
+        "Channels whose history started again under a new epoch", h.epoch_changes);
+    FIG(FIG_HISTORY, "unnumbered_dropped", COUNTER,
+        "Messages published to Redis without a number on such a channel, dropped",
+        h.unnumbered_dropped);
+    FIG(FIG_HISTORY, "script_errors", COUNTER,
+        "History scripts that failed or were answered with something unexpected", R.script_errors);
+    FIG(FIG_HISTORY, "noscript", COUNTER, "History scripts Redis had forgotten (sent again)",
+        R.noscript);
+
+    FIG(FIG_PRESENCE, "ttl", GAUGE, "Seconds a node's presence lasts without a heartbeat",
+        mirror ? R.cfg->presence_ttl : 0);
+    FIG(FIG_PRESENCE, "channels", GAUGE, "Channels whose members of other nodes are followed",
+        R.replicas.count);
+    FIG(FIG_PRESENCE, "remote_members", GAUGE, "Presence members of other nodes known here",
+        remote);
+    FIG(FIG_PRESENCE, "announcements", COUNTER, "Presence joins and leaves heard from other nodes",
+        R.presence_events);
+    FIG(FIG_PRESENCE, "fetches", COUNTER, "Fetches of other nodes' members", R.fetches);
+    FIG(FIG_PRESENCE, "resyncs", COUNTER, "Times this node wrote all its members to Redis again",
+        R.resyncs);
+#undef FIG
+}
+
 static void stats_json(struct buf *b, void *arg)
 {
-    int on = R.cfg != NULL;
-    buf_printf(b, "\"redis\":{\"configured\":%s,\"connected\":%s,\"state\":\"%s\"",
-               on ? "true" : "false", connected() ? "true" : "false", state_name(&R.sub));
-    if (on) {
+    struct figures x;
+    collect(&x);
+    buf_append_str(b, "\"redis\":{");
+    stats_figures_json(b, x.f[FIG_REDIS], x.n[FIG_REDIS]);
+    buf_printf(b, ",\"state\":\"%s\"", state_name(&R.sub));
+    if (R.cfg) {
         buf_append_str(b, ",\"address\":");
         json_str(b, address());
     }
-    buf_printf(b, ",\"reconnects\":%llu,\"messages_received\":%llu,\"messages_published\":%llu,"
-                  "\"messages_dropped\":%llu,\"own_messages_dropped\":%llu,\"subscriptions\":%lld,"
-                  "\"channels\":%zu,\"patterns\":%zu",
-               (unsigned long long)R.sub.reconnects, (unsigned long long)R.received,
-               (unsigned long long)R.published, (unsigned long long)R.dropped,
-               (unsigned long long)R.own_dropped, R.subscriptions, on ? R.cfg->nchannels : 0,
-               on ? R.cfg->npatterns : 0);
     buf_append_str(b, ",\"last_error\":");
     if (R.sub.error[0])
         json_str(b, R.sub.error);
     else
         buf_append_str(b, "null");
-    int mirror = on && R.cfg->mirror;
-    buf_printf(b, ",\"mirror\":{\"enabled\":%s", mirror ? "true" : "false");
-    if (mirror)
-        buf_printf(b, ",\"node_id\":\"%s\",\"state\":\"%s\",\"reconnects\":%llu", R.node_id,
-                   state_name(&R.pub), (unsigned long long)R.pub.reconnects);
-    buf_printf(b, ",\"published\":%llu,\"dropped\":%llu", (unsigned long long)R.mirror_published,
-               (unsigned long long)R.mirror_dropped);
-    size_t remote = 0;
-    for (size_t i = 0; i < R.replicas.size; i++)
-        for (struct sentry *e = R.replicas.b[i]; e; e = e->next)
-            remote += ((struct replica *)e->value)->members.count;
-    struct chan_rstats h;
-    chan_rstats_get(&h);
-    buf_printf(b, ",\"history\":{\"channels\":%llu,\"publishes\":%llu,\"publish_errors\":%llu,"
-                  "\"in_flight\":%u,\"joins\":%llu,\"join_errors\":%llu,\"joining\":%llu,"
-                  "\"joins_waiting\":%zu,\"fetches\":%llu,\"marks\":%llu,\"gaps_filled\":%llu,"
-                  "\"missed\":%llu,\"duplicates\":%llu,\"held\":%llu,\"epoch_changes\":%llu,"
-                  "\"unnumbered_dropped\":%llu,\"script_errors\":%llu,\"noscript\":%llu}",
-               (unsigned long long)h.channels, (unsigned long long)h.publishes,
-               (unsigned long long)h.publish_errors, R.cmds_sent, (unsigned long long)h.joins,
-               (unsigned long long)h.join_errors, (unsigned long long)h.joining, R.nfwait,
-               (unsigned long long)h.fetches, (unsigned long long)R.marks_seen,
-               (unsigned long long)h.gaps, (unsigned long long)h.missed,
-               (unsigned long long)h.duplicates, (unsigned long long)h.held,
-               (unsigned long long)h.epoch_changes, (unsigned long long)h.unnumbered_dropped,
-               (unsigned long long)R.script_errors, (unsigned long long)R.noscript);
-    buf_printf(b, ",\"patterns\":%zu,\"duplicates_dropped\":%llu,\"filtered\":%llu,"
-                  "\"presence\":{\"ttl\":%g,\"channels\":%zu,\"remote_members\":%zu,"
-                  "\"announcements\":%llu,\"fetches\":%llu,\"resyncs\":%llu}}}",
-               R.nglobs, (unsigned long long)R.duplicates_dropped, (unsigned long long)R.filtered,
-               mirror ? R.cfg->presence_ttl : 0, R.replicas.count, remote,
-               (unsigned long long)R.presence_events, (unsigned long long)R.fetches,
-               (unsigned long long)R.resyncs);
-}
-
-static void prom_line(struct buf *b, const char *name, const char *type, const char *help,
-                      double value)
-{
-    buf_printf(b, "# HELP herald_%s %s\n# TYPE herald_%s %s\nherald_%s %.0f\n", name, help, name,
-               type, name, value);
+    buf_append_str(b, ",\"mirror\":{");
+    stats_figures_json(b, x.f[FIG_MIRROR], x.n[FIG_MIRROR]);
+    if (R.cfg && R.cfg->mirror)
+        buf_printf(b, ",\"node_id\":\"%s\",\"state\":\"%s\"", R.node_id, state_name(&R.pub));
+    buf_append_str(b, ",\"history\":{");
+    stats_figures_json(b, x.f[FIG_HISTORY], x.n[FIG_HISTORY]);
+    buf_append_str(b, "},\"presence\":{");
+    stats_figures_json(b, x.f[FIG_PRESENCE], x.n[FIG_PRESENCE]);
+    buf_append_str(b, "}}}");
 }
 
 static void stats_prom(struct buf *b, void *arg)
 {
-    int on = R.cfg != NULL;
-    prom_line(b, "redis_configured", "gauge", "1 when a Redis source is configured", on);
-    prom_line(b, "redis_connected", "gauge", "1 when the Redis source is connected", connected());
-    prom_line(b, "redis_reconnects_total", "counter", "Reconnections to Redis after a lost connection",
-              (double)R.sub.reconnects);
-    prom_line(b, "redis_messages_received_total", "counter", "Messages received from Redis",
-              (double)R.received);
-    prom_line(b, "redis_messages_published_total", "counter",
-              "Messages from Redis published to local channels", (double)R.published);
-    prom_line(b, "redis_messages_dropped_total", "counter",
-              "Messages from Redis dropped (invalid channel name, over max_message)",
-              (double)R.dropped);
-    prom_line(b, "redis_own_messages_dropped_total", "counter",
-              "This node's mirrored messages coming back from Redis, dropped", (double)R.own_dropped);
-    prom_line(b, "redis_subscriptions", "gauge", "Redis channels and patterns subscribed",
-              (double)R.subscriptions);
-    prom_line(b, "redis_mirror_enabled", "gauge", "1 when mirror mode is on", on && R.cfg->mirror);
-    prom_line(b, "redis_mirror_connected", "gauge", "1 when the mirror publisher is connected",
-              on && R.cfg->mirror && R.pub.ready);
-    prom_line(b, "redis_mirror_reconnects_total", "counter",
-              "Reconnections of the mirror publisher after a lost connection",
-              (double)R.pub.reconnects);
-    prom_line(b, "redis_mirror_published_total", "counter", "Messages mirrored to Redis",
-              (double)R.mirror_published);
-    prom_line(b, "redis_mirror_dropped_total", "counter",
-              "Messages not mirrored (publisher down or too far behind)", (double)R.mirror_dropped);
-    prom_line(b, "redis_mirror_patterns", "gauge", "Redis globs subscribed for local pattern subscribers",
-              (double)R.nglobs);
-    prom_line(b, "redis_mirror_duplicates_dropped_total", "counter",
-              "Copies of a message from Redis dropped because another subscription brought it",
-              (double)R.duplicates_dropped);
-    prom_line(b, "redis_mirror_filtered_total", "counter",
-              "Messages through a pattern's glob that no local pattern wanted", (double)R.filtered);
-    prom_line(b, "redis_mirror_presence_announcements_total", "counter",
-              "Presence joins and leaves heard from other nodes", (double)R.presence_events);
-    struct chan_rstats h;
-    chan_rstats_get(&h);
-    prom_line(b, "redis_history_channels", "gauge", "Channels whose history Redis keeps",
-              (double)h.channels);
-    prom_line(b, "redis_history_publishes_total", "counter",
-              "Messages handed to Redis to be numbered and kept", (double)h.publishes);
-    prom_line(b, "redis_history_publish_errors_total", "counter",
-              "Publishes refused or failed because Redis could not number them", (double)h.publish_errors);
-    prom_line(b, "redis_history_in_flight", "gauge", "History scripts sent to Redis and not answered",
-              (double)R.cmds_sent);
-    prom_line(b, "redis_history_joins_total", "counter",
-              "Subscriptions that joined a channel through Redis (with or without a resume)",
-              (double)h.joins);
-    prom_line(b, "redis_history_join_errors_total", "counter",
-              "Subscriptions refused because Redis could not be reached", (double)h.join_errors);
-    prom_line(b, "redis_history_joining", "gauge", "Subscriptions waiting for their join point",
-              (double)h.joining);
-    prom_line(b, "redis_history_fetches_total", "counter", "Join and gap fetches sent to Redis",
-              (double)h.fetches);
-    prom_line(b, "redis_history_gaps_filled_total", "counter",
-              "Gaps in a channel's live stream filled from its history", (double)h.gaps);
-    prom_line(b, "redis_history_missed_total", "counter",
-              "Seqs that could not be filled (no longer in the history)", (double)h.missed);
-    prom_line(b, "redis_history_duplicates_total", "counter", "Numbered messages seen twice, dropped",
-              (double)h.duplicates);
-    prom_line(b, "redis_history_held", "gauge",
-              "Live messages held while a gap is filled or a join is answered", (double)h.held);
-    prom_line(b, "redis_history_epoch_changes_total", "counter",
-              "Channels whose history started again under a new epoch", (double)h.epoch_changes);
-    prom_line(b, "redis_history_unnumbered_dropped_total", "counter",
-              "Messages published to Redis without a number on such a channel, dropped",
-              (double)h.unnumbered_dropped);
+    struct figures x;
+    collect(&x);
+    for (int g = 0; g < FIG_GROUPS; g++)
+        stats_figures_prom(b, fig_prefix[g], x.f[g], x.n[g]);
 }
 
 /* --- entry points ------------------------------------------------------------------------------- */
