@@ -48,12 +48,15 @@ int luaopen_cjson(lua_State *L);
 #define CLIENT_MT "herald.client"
 #define TIMER_MT "herald.timer"
 
+/* What a call into Lua runs: a hook of the script's table, a timer's function, herald.publish's
+ * done function told the seq Redis gave, or the script itself (load). */
 enum hook {
-    HOOK_OPEN, HOOK_MESSAGE, HOOK_DELIVER, HOOK_CLOSE, HOOK_AUTHORIZE, HOOK_TIMER, HOOK_LOAD, HOOK_KINDS
+    HOOK_OPEN, HOOK_MESSAGE, HOOK_DELIVER, HOOK_CLOSE, HOOK_AUTHORIZE, HOOK_TIMER, HOOK_DONE,
+    HOOK_LOAD, HOOK_KINDS
 };
 #define SCRIPT_HOOKS 5 /* open .. authorize: the functions a script's table may hold */
 static const char *const hook_names[HOOK_KINDS] = {"open", "message", "deliver", "close", "authorize",
-                                                   "timer", "load"};
+                                                   "timer", "done", "load"};
 /* The hooks a built-in route's authorize script may have: the route's kind does the rest. */
 #define ACCESS_HOOKS ((1u << HOOK_OPEN) | (1u << HOOK_CLOSE) | (1u << HOOK_AUTHORIZE))
 
@@ -453,6 +456,7 @@ static void published_now(void *arg, uint64_t seq, size_t subscribers, const cha
 
 static int do_published(lua_State *L)
 {
+    state_of(L)->calls[HOOK_DONE]++;
     lua_call(L, 2, 0); /* fn(seq, subscribers) or fn(nil, err), pushed by published_later */
     return 0;
 }
@@ -484,7 +488,7 @@ static void published_later(void *arg, uint64_t seq, size_t subscribers, const c
         lua_pushinteger(L, (lua_Integer)seq);
         lua_pushinteger(L, (lua_Integer)subscribers);
     }
-    run(st, L, HOOK_TIMER, do_published, NULL, 3);
+    run(st, L, HOOK_DONE, do_published, NULL, 3);
 }
 
 /* herald.publish(channel, data [, done]) -> seq, subscribers; or nil, "pending" when Redis numbers

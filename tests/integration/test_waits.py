@@ -1,15 +1,16 @@
-"""Requests whose answer waits for Redis (mirror mode, channels whose history Redis keeps): a
-WebSocket handshake's 101, an event stream's head, a POST /pub's seq. What the client sends
-meanwhile is served after the answer, in order."""
+"""Answers that wait for Redis (mirror mode, channels whose history Redis keeps): a WebSocket
+handshake's 101, an event stream's head, a POST /pub's seq, herald.publish's done function. What
+the client sends meanwhile is served after the answer, in order; the wait is bounded, and a client
+that hangs up is let go."""
 import signal
 import socket
 import time
 
 import pytest
 
-from herald_util import HOST, DEFAULT_ROUTES, OP_PING, OP_PONG, RawHTTP, encode_frame, \
+from herald_util import HOST, DEFAULT_ROUTES, OP_PING, OP_PONG, RawHTTP, RawWS, encode_frame, \
     handshake_request, parse_server_frame
-from redis_util import RedisServer, redis_settings
+from redis_util import RedisServer, redis_settings, wait_log
 
 HISTORY = [{"prefix": "h:", "length": 100, "age": 600}]
 ROUTES = DEFAULT_ROUTES + [{"path": "/sse/", "kind": "sse"}]
@@ -154,3 +155,29 @@ def test_a_client_that_hangs_up_while_it_waits_is_let_go(herald_factory, redis_s
         assert st["connections"] == 1, st
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_done_function_that_fails_is_counted_as_such(herald_factory, redis_server, tmp_path):
+    # herald.publish's done function runs once Redis has numbered the message: its calls and
+    # errors are its own, not a timer's.
+    script = tmp_path / "done.lua"
+    script.write_text("""
+return {
+  message = function(client, data)
+    client:send(tostring(select(2, herald.publish("h:done", data, function(seq)
+      error("done got " .. seq)
+    end))))
+  end,
+}
+""")
+    h = herald_factory(routes=ROUTES + [{"path": "/lua", "script": str(script)}], history=HISTORY,
+                       redis=redis_settings(redis_server, mirror=True))
+    h.wait_stats(lambda s: s["redis"]["connected"], 10)
+    with RawWS(h.port, "/lua") as ws:
+        ws.send_text("x")
+        assert ws.recv_message()[1] == b"pending"
+        wait_log(h, "script error on route /lua, in done: ")
+        assert "done got 1" in h.stderr_text()
+    s = [x for x in h.stats()["scripts"] if x["path"] == "/lua"][0]
+    assert s["calls"]["done"] == 1 and s["calls"]["timer"] == 0 and s["errors"] == 1, s
+    assert 'herald_script_calls_total{path="/lua",hook="done"} 1' in h.metrics()
