@@ -710,20 +710,29 @@ static int l_no_sethook(lua_State *L)
     return luaL_error(L, "debug.sethook is not available to herald scripts");
 }
 
-/* Lua runs finalizers with hooks off, so the instruction bound could not stop a __gc that loops:
- * setmetatable refuses a metatable with one, and debug.setmetatable is not there. */
+/* setmetatable, refusing a metatable with a __gc field (upvalues: the real one, and where
+ * finalizers are not available, for the message). */
 static int l_setmetatable(lua_State *L)
 {
     if (lua_type(L, 2) == LUA_TTABLE) {
         lua_pushliteral(L, "__gc");
         if (lua_rawget(L, 2) != LUA_TNIL)
-            return luaL_error(L, "__gc metamethods are not available to herald scripts");
+            return luaL_error(L, "__gc metamethods are not available %s",
+                              lua_tostring(L, lua_upvalueindex(2)));
         lua_pop(L, 1);
     }
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
     lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
     return lua_gettop(L);
+}
+
+void script_guard_setmetatable(lua_State *L, const char *where)
+{
+    lua_getglobal(L, "setmetatable");
+    lua_pushstring(L, where);
+    lua_pushcclosure(L, l_setmetatable, 2);
+    lua_setglobal(L, "setmetatable");
 }
 
 static int l_no_debug_setmetatable(lua_State *L)
@@ -1235,9 +1244,9 @@ static int setup(lua_State *L)
     lua_pushcfunction(L, l_no_debug_setmetatable);
     lua_setfield(L, -2, "setmetatable");
     lua_pop(L, 1);
-    lua_getglobal(L, "setmetatable");
-    lua_pushcclosure(L, l_setmetatable, 1);
-    lua_setglobal(L, "setmetatable");
+    /* Lua runs finalizers with hooks off, so the instruction bound could not stop a __gc that
+     * loops: setmetatable refuses a metatable with one, and debug.setmetatable is not there. */
+    script_guard_setmetatable(L, "to herald scripts");
     lua_pushcfunction(L, l_print);
     lua_setglobal(L, "print");
 
