@@ -546,19 +546,12 @@ static void handle_publish(struct conn *c, const struct reply_ctx *rc, const str
     const char *expect = http_header_get(req, "expect", &expect_len);
     if (expect && expect_len == 12 && strncasecmp(expect, "100-continue", 12) == 0)
         conn_queue_copy(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
-    struct http_req_state *rs = xcalloc(1, sizeof(*rs));
+    struct http_req_state *rs = rs_for_log(req);
     rs->is_chunked = req->chunked;
     rs->body_left = req->chunked ? 0 : (uint64_t)req->content_length;
     rs->keep_alive = rc->keep_alive;
-    rs->minor_version = req->minor_version;
     memcpy(rs->channel, channel, channel_len);
     rs->channel_len = channel_len;
-    rs->log_target = xstrndup(req->target, req->target_len);
-    size_t n;
-    const char *h = http_header_get(req, "referer", &n);
-    rs->log_referer = h ? xstrndup(h, n) : NULL;
-    h = http_header_get(req, "user-agent", &n);
-    rs->log_agent = h ? xstrndup(h, n) : NULL;
     if (!req->chunked)
         buf_reserve(&rs->body, rs->body_left ? (size_t)rs->body_left : 1);
     else
