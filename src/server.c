@@ -515,6 +515,43 @@ static int publish_allowed(const struct http_request *req, const char *channel, 
     return 0;
 }
 
+/* May this request open route r (a WebSocket handshake, an event stream)? Its Origin must be one
+ * of the route's, when the route lists some; a signed token it carries must be valid (its grants
+ * are kept in c->grants), and one is needed where the route requires it. Returns 0, or the status
+ * to refuse it with and *why. */
+static int open_refused(struct conn *c, const struct http_request *req, const struct route *r,
+                        const char **why)
+{
+    size_t len;
+    const char *origin = http_header_get(req, "origin", &len);
+    if (origin && r->norigins) {
+        size_t i = 0;
+        while (i < r->norigins && !(strlen(r->origins[i]) == len &&
+                                    strncasecmp(r->origins[i], origin, len) == 0))
+            i++;
+        if (i == r->norigins) {
+            stats.auth_refused++;
+            *why = "this origin may not open this route";
+            return 403;
+        }
+    }
+    char buf[1024];
+    const char *token = cfg->jwt_secret ? request_token(req, buf, sizeof(buf), &len) : NULL;
+    if (token) {
+        auth_free(c->grants); /* from an earlier request on this connection that was refused */
+        c->grants = auth_verify(token, len, cfg->jwt_secret, ev_now(loop), why);
+        if (!c->grants) {
+            stats.auth_refused++;
+            return 401;
+        }
+    } else if (r->require_token) {
+        stats.auth_refused++;
+        *why = "a signed token is required (?token= or Authorization: Bearer)";
+        return 401;
+    }
+    return 0;
+}
+
 static void handle_publish(struct conn *c, const struct reply_ctx *rc, const struct http_request *req,
                            const char *channel, size_t channel_len)
 {
@@ -601,39 +638,14 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         respond_text(c, rc, 400, "a WebSocket handshake has no body", NULL);
         return;
     }
-    size_t origin_len;
-    const char *origin = http_header_get(req, "origin", &origin_len);
-    if (origin && r->norigins) {
-        size_t i = 0;
-        while (i < r->norigins && !(strlen(r->origins[i]) == origin_len &&
-                                    strncasecmp(r->origins[i], origin, origin_len) == 0))
-            i++;
-        if (i == r->norigins) {
-            stats.auth_refused++;
-            respond_text(c, rc, 403, "this origin may not open this route", NULL);
-            return;
-        }
-    }
-    char token_buf[1024];
-    size_t token_len;
-    const char *token = cfg->jwt_secret ? request_token(req, token_buf, sizeof(token_buf), &token_len) : NULL;
-    if (token) {
-        const char *why = NULL;
-        auth_free(c->grants); /* from an earlier handshake on this connection that was refused */
-        c->grants = auth_verify(token, token_len, cfg->jwt_secret, ev_now(loop), &why);
-        if (!c->grants) {
-            stats.auth_refused++;
-            respond_text(c, rc, 401, why, NULL);
-            return;
-        }
-    } else if (r->require_token) {
-        stats.auth_refused++;
-        respond_text(c, rc, 401, "a signed token is required (?token= or Authorization: Bearer)", NULL);
+    const char *why = NULL;
+    int status = open_refused(c, req, r, &why);
+    if (status) {
+        respond_text(c, rc, status, why, NULL);
         return;
     }
-    const char *why = NULL;
     struct buf headers = {0};
-    int status = route_accept(r, c, req, path, path_len, &headers, &why);
+    status = route_accept(r, c, req, path, path_len, &headers, &why);
     if (status) {
         buf_free(&headers);
         respond_text(c, rc, status, why ? why : "refused", NULL);
@@ -914,32 +926,10 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
         respond_text(c, rc, 405, "event streams are read with GET", "Allow: GET\r\n");
         return;
     }
-    size_t olen;
-    const char *origin = http_header_get(req, "origin", &olen);
-    if (origin && r->norigins) {
-        size_t i = 0;
-        while (i < r->norigins && !(strlen(r->origins[i]) == olen && strncasecmp(r->origins[i], origin, olen) == 0))
-            i++;
-        if (i == r->norigins) {
-            stats.auth_refused++;
-            respond_text(c, rc, 403, "this origin may not open this route", NULL);
-            return;
-        }
-    }
-    char tbuf[1024];
-    size_t tlen;
-    const char *token = cfg->jwt_secret ? request_token(req, tbuf, sizeof(tbuf), &tlen) : NULL;
-    if (token) {
-        const char *why;
-        auth_free(c->grants);
-        if (!(c->grants = auth_verify(token, tlen, cfg->jwt_secret, ev_now(loop), &why))) {
-            stats.auth_refused++;
-            respond_text(c, rc, 401, why, NULL);
-            return;
-        }
-    } else if (r->require_token) {
-        stats.auth_refused++;
-        respond_text(c, rc, 401, "a signed token is required (?token= or Authorization: Bearer)", NULL);
+    const char *why = NULL;
+    int status = open_refused(c, req, r, &why);
+    if (status) {
+        respond_text(c, rc, status, why, NULL);
         return;
     }
     struct buf list = {0};
@@ -968,6 +958,8 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
     out.len = 0;
     buf_append_str(&out, "HTTP/1.1 200 OK\r\nServer: herald\r\nContent-Type: text/event-stream\r\n"
                          "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+    size_t olen;
+    const char *origin = http_header_get(req, "origin", &olen);
     if (origin && r->norigins)
         buf_printf(&out, "Access-Control-Allow-Origin: %.*s\r\nVary: Origin\r\n", (int)olen, origin);
     else if (!r->norigins)
