@@ -44,6 +44,7 @@
 #include "json.h"
 #include "log.h"
 #include "pattern.h"
+#include "pubsub.h"
 #include "stats.h"
 
 #include <hiredis/adapters/libev.h>
@@ -856,18 +857,13 @@ static int epoch_valid(const char *p, size_t len)
     return 1;
 }
 
-/* Digits to a seq; -1 if they are not one. */
+/* The seq in p[0..len): 0, or -1 if it is not one. */
 static int parse_seq(const char *p, size_t len, uint64_t *out)
 {
-    if (!len || len > 19)
+    int64_t v = pubsub_seq_parse(p, len);
+    if (v < 0)
         return -1;
-    uint64_t v = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (p[i] < '0' || p[i] > '9')
-            return -1;
-        v = v * 10 + (uint64_t)(p[i] - '0');
-    }
-    *out = v;
+    *out = (uint64_t)v;
     return 0;
 }
 

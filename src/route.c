@@ -193,15 +193,11 @@ static int raw_resume_parse(const char *query, size_t query_len, struct raw_resu
     char text[32];
     rr->since = -1;
     rr->epoch_len = -1;
-    ssize_t n = query ? http_query_get(query, query_len, "since", text, sizeof(text) - 1) : -1;
+    ssize_t n = query ? http_query_get(query, query_len, "since", text, sizeof(text)) : -1;
     if (n < 0)
         return n == -2 ? -1 : 0;
-    text[n] = 0;
-    char *end;
-    unsigned long long v = strtoull(text, &end, 10);
-    if (!n || *end || text[0] == '-' || v > INT64_MAX)
+    if ((rr->since = pubsub_seq_parse(text, (size_t)n)) < 0)
         return -1;
-    rr->since = (int64_t)v;
     rr->epoch_len = http_query_get(query, query_len, "epoch", rr->epoch, sizeof(rr->epoch));
     return 0;
 }

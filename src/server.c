@@ -10,6 +10,7 @@
 #include "http.h"
 #include "json.h"
 #include "log.h"
+#include "pubsub.h"
 #include "route.h"
 #include "script.h"
 #include "source.h"
@@ -844,17 +845,10 @@ static int sse_find_id(const char *ids, size_t ids_len, const char *name, size_t
             }
         if (!c1 || !c2 || c2 == c1 || (size_t)(c2 - c1 - 1) != len || memcmp(c1 + 1, name, len) != 0)
             continue;
-        char seqtext[24];
-        size_t sl = (size_t)(id + idlen - c2 - 1);
-        if (!sl || sl >= sizeof(seqtext) || c2[1] < '0' || c2[1] > '9')
+        int64_t v = pubsub_seq_parse(c2 + 1, (size_t)(id + idlen - c2 - 1));
+        if (v < 0)
             return 0;
-        memcpy(seqtext, c2 + 1, sl);
-        seqtext[sl] = 0;
-        char *end;
-        unsigned long long v = strtoull(seqtext, &end, 10);
-        if (*end || v > INT64_MAX)
-            return 0;
-        *since = (int64_t)v;
+        *since = v;
         *ep = id;
         *ep_len = (size_t)(c1 - id);
         return 1;
