@@ -1754,24 +1754,21 @@ static struct replica *replica_find(const char *name, size_t len)
     return e ? e->value : NULL;
 }
 
-static void replica_free(const char *name, size_t len)
-{
-    struct sentry *e = smap_find(&R.replicas, name, len);
-    if (!e)
-        return;
-    struct replica *rep = e->value;
-    smap_clear(&rep->members, free);
-    buf_free(&rep->backlog);
-    free(rep);
-    smap_del(&R.replicas, e);
-}
-
 static void free_replica_value(void *v)
 {
     struct replica *rep = v;
     smap_clear(&rep->members, free);
     buf_free(&rep->backlog);
     free(rep);
+}
+
+static void replica_free(const char *name, size_t len)
+{
+    struct sentry *e = smap_find(&R.replicas, name, len);
+    if (!e)
+        return;
+    free_replica_value(e->value);
+    smap_del(&R.replicas, e);
 }
 
 static size_t events_channel(char *out, const char *name, size_t len)
@@ -1809,6 +1806,16 @@ static size_t info_checked(const char *info, size_t len)
     return len && len <= CHAN_INFO_MAX && info[0] == '{' && json_valid(info, len) ? len : 0;
 }
 
+/* A member's info (e's value) becomes a copy of info[0..len), NUL-terminated. */
+static void member_set_info(struct sentry *e, const char *info, size_t len)
+{
+    free(e->value);
+    e->value = xmalloc(len + 1);
+    memcpy(e->value, info, len);
+    ((char *)e->value)[len] = 0;
+    e->vlen = len;
+}
+
 /* Apply a join or leave of another node's member to the replica, telling local listeners when it
  * changes something. */
 static void replica_apply(struct replica *rep, const char *name, size_t name_len, int join,
@@ -1819,11 +1826,7 @@ static void replica_apply(struct replica *rep, const char *name, size_t name_len
         int known = e != NULL;
         if (!e)
             e = smap_put(&rep->members, id, id_len);
-        free(e->value);
-        e->value = xmalloc(info_len + 1);
-        memcpy(e->value, info, info_len);
-        ((char *)e->value)[info_len] = 0;
-        e->vlen = info_len;
+        member_set_info(e, info, info_len);
         if (!known)
             chan_presence_event(name, name_len, 1, id, id_len, info, info_len);
     } else if (e) {
@@ -1873,13 +1876,7 @@ static void replica_load(struct replica *rep, const char *name, size_t name_len,
         if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING ||
             !member_id_valid(f->str, f->len) || memcmp(f->str, R.node_id, NODE_ID_LEN) == 0)
             continue;
-        struct sentry *e = smap_put(&fresh, f->str, f->len);
-        size_t n = info_checked(v->str, v->len);
-        free(e->value);
-        e->value = xmalloc(n + 1);
-        memcpy(e->value, v->str, n);
-        ((char *)e->value)[n] = 0;
-        e->vlen = n;
+        member_set_info(smap_put(&fresh, f->str, f->len), v->str, info_checked(v->str, v->len));
     }
     if (rep->loaded) {
         for (size_t i = 0; i < rep->members.size; i++)
