@@ -883,6 +883,16 @@ static int pub_usable(void)
            !(R.pub.ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
 }
 
+/* 1 if one of the first n configured patterns, its PSUBSCRIBE confirmed by Redis, matches the
+ * channel: Redis sends the channel's messages through it. */
+static int confirmed_pattern_matches(size_t n, const char *name, size_t len)
+{
+    for (size_t j = 0; j < n; j++)
+        if (R.pattern_ok[j] && glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), name, len))
+            return 1;
+    return 0;
+}
+
 /* Does this node hear the channel now: Redis confirmed its SUBSCRIBE, or a configured pattern's? */
 static int heard(const char *name, size_t len)
 {
@@ -890,10 +900,7 @@ static int heard(const char *name, size_t len)
         return 0;
     if (smap_find(&R.confirmed, name, len) && !smap_find(&R.leaving, name, len))
         return 1;
-    for (size_t j = 0; j < R.cfg->npatterns; j++)
-        if (R.pattern_ok[j] && glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), name, len))
-            return 1;
-    return 0;
+    return confirmed_pattern_matches(R.cfg->npatterns, name, len);
 }
 
 static size_t key_name(char *out, size_t cap, const char *name, size_t len, const char *what)
@@ -1562,16 +1569,11 @@ static void glob_message(const char *glob, size_t glob_len, const char *channel,
         return; /* not one of ours any more, or a channel no herald client can want */
     /* Taken through a higher rank: the channel's own subscription, a configured pattern, an older
      * glob. */
-    if (smap_find(&R.confirmed, channel, channel_len)) {
+    if (smap_find(&R.confirmed, channel, channel_len) ||
+        confirmed_pattern_matches(R.cfg->npatterns, channel, channel_len)) {
         R.duplicates_dropped++;
         return;
     }
-    for (size_t j = 0; j < R.cfg->npatterns; j++)
-        if (R.pattern_ok[j] && glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), channel,
-                                          channel_len)) {
-            R.duplicates_dropped++;
-            return;
-        }
     uint64_t min = UINT64_MAX;
     pattern_match(R.globs, channel, channel_len, 1, min_confirmed, &min);
     if (pattern_serial(g->node) != min) {
@@ -2207,11 +2209,8 @@ static void on_sub_reply(redisAsyncContext *ac, void *r, void *priv)
             return; /* else a pattern no longer configured */
         }
         /* Take it from the first confirmed pattern that matches, once. */
-        for (int j = 0; j < idx; j++)
-            if (R.pattern_ok[j] &&
-                glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), e[2]->str, e[2]->len))
-                return;
-        deliver(e[2]->str, e[2]->len, e[3]->str, e[3]->len);
+        if (!confirmed_pattern_matches((size_t)idx, e[2]->str, e[2]->len))
+            deliver(e[2]->str, e[2]->len, e[3]->str, e[3]->len);
     } else if (e[2]->type == REDIS_REPLY_INTEGER && e[1]->type == REDIS_REPLY_STRING) {
         R.subscriptions = e[2]->integer;
         int psub = is_kind(kind, "psubscribe"), punsub = is_kind(kind, "punsubscribe");
