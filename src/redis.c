@@ -2462,13 +2462,8 @@ static void stop_all(void)
     link_stop(&R.sub);
     link_stop(&R.pub);
     hist_stop();
-    smap_clear(&R.confirmed, NULL);
-    smap_clear(&R.leaving, NULL);
+    mirror_sub_down(); /* requests waiting for other nodes' members are answered with this node's */
     globs_clear();
-    /* Requests waiting for other nodes' members are answered with this node's. */
-    for (size_t i = 0; i < R.replicas.size; i++)
-        for (struct sentry *e = R.replicas.b[i]; e; e = e->next)
-            chan_presence_ready(e->key, e->klen);
     smap_clear(&R.replicas, free_replica_value);
     free_config(R.cfg);
     R.cfg = NULL;
