@@ -454,6 +454,19 @@ static void published_now(void *arg, uint64_t seq, size_t subscribers, const cha
     n->err = err;
 }
 
+/* Push a publish's outcome, as herald.publish returns it and its done function gets it: seq and
+ * subscribers, or nil and why it was not published. */
+static void push_outcome(lua_State *L, uint64_t seq, size_t subscribers, const char *err)
+{
+    if (err) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+    } else {
+        lua_pushinteger(L, (lua_Integer)seq);
+        lua_pushinteger(L, (lua_Integer)subscribers);
+    }
+}
+
 static int do_published(lua_State *L)
 {
     state_of(L)->calls[HOOK_DONE]++;
@@ -481,13 +494,7 @@ static void published_later(void *arg, uint64_t seq, size_t subscribers, const c
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->fn_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, p->fn_ref);
     free(p);
-    if (err) {
-        lua_pushnil(L);
-        lua_pushstring(L, err);
-    } else {
-        lua_pushinteger(L, (lua_Integer)seq);
-        lua_pushinteger(L, (lua_Integer)subscribers);
-    }
+    push_outcome(L, seq, subscribers, err);
     run(st, L, HOOK_DONE, do_published, NULL, 3);
 }
 
@@ -541,22 +548,10 @@ static int l_publish(lua_State *L)
     }
     if (has_fn) {
         lua_pushvalue(L, 3);
-        if (now.err) {
-            lua_pushnil(L);
-            lua_pushstring(L, now.err);
-        } else {
-            lua_pushinteger(L, (lua_Integer)now.seq);
-            lua_pushinteger(L, (lua_Integer)now.subscribers);
-        }
+        push_outcome(L, now.seq, now.subscribers, now.err);
         lua_call(L, 2, 0);
     }
-    if (now.err) {
-        lua_pushnil(L);
-        lua_pushstring(L, now.err);
-        return 2;
-    }
-    lua_pushinteger(L, (lua_Integer)now.seq);
-    lua_pushinteger(L, (lua_Integer)now.subscribers);
+    push_outcome(L, now.seq, now.subscribers, now.err);
     return 2;
 }
 
