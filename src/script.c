@@ -997,6 +997,36 @@ static void read_sub_opts(lua_State *L, int idx, struct sub_opts *o)
                       "most 1024 bytes of JSON");
 }
 
+/* May cl subscribe to the channel (pattern 0) or pattern (1) name? The route's token grants and
+ * authorize hook say, now, even in open (the hook runs nested, on L's thread). Returns 1, or 0
+ * with nil and why pushed. */
+static int subscribe_allowed(lua_State *L, struct lclient *cl, const char *name, size_t len,
+                             int pattern)
+{
+    struct lstate *st = state_of(L);
+    const char *why;
+    lua_State *prev = st->running;
+    st->running = L;
+    int ok = pattern ? route_allows_pattern(st->route, cl->c, name, len, &why)
+                     : route_allows(st->route, cl->c, AUTH_SUBSCRIBE, name, len, &why);
+    st->running = prev;
+    if (!ok) {
+        lua_pushnil(L);
+        lua_pushstring(L, why       ? why
+                          : pattern ? "not allowed to subscribe to this pattern"
+                                    : "not allowed to subscribe to this channel");
+    }
+    return ok;
+}
+
+/* The connection has max_subscriptions already (counted in subscription_limit_hits). */
+static int limit_reached(lua_State *L)
+{
+    lua_pushnil(L);
+    lua_pushliteral(L, "subscription limit reached for this connection");
+    return 2;
+}
+
 static int subscription(lua_State *L, int subscribe)
 {
     const char *fn = subscribe ? "client:subscribe" : "client:unsubscribe";
@@ -1009,31 +1039,16 @@ static int subscription(lua_State *L, int subscribe)
         read_sub_opts(L, 3, &o);
     if (!cl->c)
         return closed(L);
-    if (subscribe) {
-        /* The route's token grants and authorize hook have their say, now, even in open. */
-        struct lstate *st = state_of(L);
-        const char *why;
-        lua_State *prev = st->running;
-        st->running = L; /* authorize runs nested, on this thread */
-        int ok = route_allows(st->route, cl->c, AUTH_SUBSCRIBE, name, len, &why);
-        st->running = prev;
-        if (!ok) {
-            lua_pushnil(L);
-            lua_pushstring(L, why ? why : "not allowed to subscribe to this channel");
-            return 2;
-        }
-    }
+    if (subscribe && !subscribe_allowed(L, cl, name, len, 0))
+        return 2;
     if (cl->opening) {
         add_pending_opts(cl, subscribe ? PENDING_SUBSCRIBE : PENDING_UNSUBSCRIBE, 0, 0, name, len, &o);
         lua_pushboolean(L, 1);
         return 1;
     }
     int rc = subscribe ? chan_subscribe(cl->c, name, len) : chan_unsubscribe(cl->c, name, len);
-    if (rc < 0) { /* counted in subscription_limit_hits */
-        lua_pushnil(L);
-        lua_pushliteral(L, "subscription limit reached for this connection");
-        return 2;
-    }
+    if (rc < 0)
+        return limit_reached(L);
     if (o.member >= 0 || o.events >= 0)
         chan_presence_set(cl->c, name, len, o.member, o.events, o.info, o.info_len);
     lua_pushboolean(L, rc);
@@ -1061,29 +1076,16 @@ static int pattern_subscription(lua_State *L, int subscribe)
     }
     if (!cl->c)
         return closed(L);
-    if (subscribe) {
-        struct lstate *st = state_of(L);
-        lua_State *prev = st->running;
-        st->running = L; /* authorize runs nested, on this thread */
-        int ok = route_allows_pattern(st->route, cl->c, pattern, len, &why);
-        st->running = prev;
-        if (!ok) {
-            lua_pushnil(L);
-            lua_pushstring(L, why ? why : "not allowed to subscribe to this pattern");
-            return 2;
-        }
-    }
+    if (subscribe && !subscribe_allowed(L, cl, pattern, len, 1))
+        return 2;
     if (cl->opening) {
         add_pending(cl, subscribe ? PENDING_PSUBSCRIBE : PENDING_PUNSUBSCRIBE, 0, 0, pattern, len);
         lua_pushboolean(L, 1);
         return 1;
     }
     int rc = subscribe ? chan_psubscribe(cl->c, pattern, len) : chan_punsubscribe(cl->c, pattern, len);
-    if (rc < 0) { /* counted in subscription_limit_hits */
-        lua_pushnil(L);
-        lua_pushliteral(L, "subscription limit reached for this connection");
-        return 2;
-    }
+    if (rc < 0)
+        return limit_reached(L);
     lua_pushboolean(L, rc);
     return 1;
 }
