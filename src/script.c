@@ -1191,7 +1191,7 @@ static int client_gc(lua_State *L)
     return 0;
 }
 
-/* Push a new client object for c. */
+/* Push a new client object for c (not c's yet). */
 static struct lclient *new_client(lua_State *L, struct conn *c)
 {
     struct lclient *cl = lua_newuserdatauv(L, sizeof(*cl), 1);
@@ -1571,17 +1571,33 @@ struct open_ctx {
     int refused;
 };
 
+/* Push a new client object for c and make it c's (c->script_ref). */
+static struct lclient *attach_client(lua_State *L, struct conn *c, int builtin)
+{
+    struct lclient *cl = new_client(L, c);
+    cl->builtin = builtin;
+    lua_pushvalue(L, -1);
+    c->script_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return cl;
+}
+
+/* List the client object cl at the top of the stack among st's open clients (herald.clients). */
+static void list_client(lua_State *L, struct lstate *st, struct lclient *cl)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
+    lua_pushvalue(L, -2);
+    lua_rawseti(L, -2, (lua_Integer)cl->id);
+    lua_pop(L, 1);
+}
+
 static int do_open(lua_State *L)
 {
     struct open_ctx *x = lua_touserdata(L, 1);
     struct lstate *st = x->st;
-    x->cl = new_client(L, x->c);
-    x->cl->builtin = st->route->kind != ROUTE_SCRIPT;
-    int client = lua_gettop(L);
     /* The connection knows its client from now on, so authorize finds it during open. */
-    lua_pushvalue(L, client);
-    x->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    x->c->script_ref = x->ref;
+    x->cl = attach_client(L, x->c, st->route->kind != ROUTE_SCRIPT);
+    x->ref = x->c->script_ref;
+    int client = lua_gettop(L);
     if (st->fn[HOOK_OPEN] != LUA_NOREF) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, st->fn[HOOK_OPEN]);
         lua_pushvalue(L, client);
@@ -1602,9 +1618,7 @@ static int do_open(lua_State *L)
         }
         lua_settop(L, client);
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
-    lua_pushvalue(L, client);
-    lua_rawseti(L, -2, (lua_Integer)x->cl->id);
+    list_client(L, st, x->cl);
     return 0;
 }
 
@@ -1675,17 +1689,10 @@ static int do_authorize(lua_State *L)
 {
     struct authorize_ctx *x = lua_touserdata(L, 1);
     struct lstate *st = state_of(L);
-    if (x->c->script_ref == LUA_NOREF) {
-        /* A built-in route's client met for the first time. */
-        struct lclient *cl = new_client(L, x->c);
-        cl->builtin = 1;
-        lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
-        lua_pushvalue(L, -2);
-        lua_rawseti(L, -2, (lua_Integer)cl->id);
-        lua_pop(L, 1);
-        lua_pushvalue(L, -1);
-        x->c->script_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        st->clients++;
+    if (x->c->script_ref == LUA_NOREF) { /* a built-in route's client met for the first time */
+        struct lclient *cl = attach_client(L, x->c, 1);
+        st->clients++; /* counted with its reference: script_closed uncounts it */
+        list_client(L, st, cl);
     } else {
         lua_rawgeti(L, LUA_REGISTRYINDEX, x->c->script_ref);
     }
