@@ -1659,21 +1659,29 @@ int script_accept(struct route *r, struct conn *c, const struct http_request *re
     return 0;
 }
 
+/* Take c's client object (of st) from it, once: the object stays, inert, on the stack of the
+ * thread returned. NULL, with nothing pushed, when c has none (or st is gone). */
+static lua_State *detach_client(struct lstate *st, struct conn *c)
+{
+    int ref = c->script_ref;
+    c->script_ref = LUA_NOREF;
+    if (ref == LUA_NOREF || !st)
+        return NULL;
+    lua_State *L = current(st);
+    reserve_stack(st, L, 4);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    struct lclient *cl = lua_touserdata(L, -1);
+    drop_client(cl);
+    forget_client(st, L, cl->id, ref);
+    st->clients--;
+    return L;
+}
+
 void script_refused(struct conn *c, struct route *r)
 {
-    struct lstate *st = r->script_state;
-    if (c->script_ref == LUA_NOREF || !st) {
-        c->script_ref = LUA_NOREF;
-        return;
-    }
-    lua_State *L = current(st);
-    reserve_stack(st, L, 2);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, c->script_ref);
-    drop_client(lua_touserdata(L, -1));
-    lua_pop(L, 1);
-    forget_client(st, L, c->id, c->script_ref);
-    c->script_ref = LUA_NOREF;
-    st->clients--;
+    lua_State *L = detach_client(r->script_state, c);
+    if (L)
+        lua_pop(L, 1);
 }
 
 struct authorize_ctx {
@@ -1933,20 +1941,10 @@ static int do_close(lua_State *L)
 
 void script_closed(struct conn *c, uint16_t code, const char *reason)
 {
-    if (c->script_ref == LUA_NOREF)
-        return;
     struct lstate *st = c->route ? c->route->script_state : NULL;
-    int ref = c->script_ref;
-    c->script_ref = LUA_NOREF; /* once */
-    if (!st)
+    lua_State *L = detach_client(st, c);
+    if (!L)
         return;
-    lua_State *L = current(st);
-    reserve_stack(st, L, 4);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    struct lclient *cl = lua_touserdata(L, -1);
-    drop_client(cl);
-    forget_client(st, L, cl->id, ref);
-    st->clients--;
     if (st->fn[HOOK_CLOSE] == LUA_NOREF) {
         lua_pop(L, 1);
         return;
