@@ -972,8 +972,12 @@ int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *l
     }
     if (r->kind == ROUTE_SCRIPT)
         return script_deliver(r, m, p, len, opcode);
-    /* Raw routes get the bytes as published; a JSON string published on the generic route arrives
-     * as the string's contents. */
+    route_plain_payload(m, p, len, opcode);
+    return 0;
+}
+
+void route_plain_payload(struct chan_msg *m, const char **p, size_t *len, int *opcode)
+{
     if (m->is_json && m->len && m->data[0] == '"') {
         if (!m->decoded) {
             m->decoded = xmalloc(m->len);
@@ -982,11 +986,13 @@ int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *l
         }
         *p = m->decoded;
         *len = m->decoded_len;
-        *opcode = ws_utf8_valid((const uint8_t *)m->decoded, m->decoded_len) ? WS_OP_TEXT : WS_OP_BINARY;
-        return 0;
+        if (opcode) /* decoded text's validity is not kept in m: it is checked for each route */
+            *opcode = ws_utf8_valid((const uint8_t *)m->decoded, m->decoded_len) ? WS_OP_TEXT
+                                                                                 : WS_OP_BINARY;
+        return;
     }
     *p = m->data;
     *len = m->len;
-    *opcode = msg_utf8(m) ? WS_OP_TEXT : WS_OP_BINARY;
-    return 0;
+    if (opcode)
+        *opcode = msg_utf8(m) ? WS_OP_TEXT : WS_OP_BINARY;
 }

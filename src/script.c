@@ -1834,24 +1834,6 @@ void script_message(struct conn *c, const uint8_t *data, size_t len, int binary)
     run(st, L, HOOK_MESSAGE, do_message, &x, 1);
 }
 
-/* The payload as a raw route passes it on: a JSON string published on the generic route is its
- * contents, anything else the bytes as published. */
-static void plain_payload(struct chan_msg *m, const char **p, size_t *len)
-{
-    if (m->is_json && m->len && m->data[0] == '"') {
-        if (!m->decoded) {
-            m->decoded = xmalloc(m->len);
-            ssize_t n = json_string_decode(m->data, m->len, m->decoded);
-            m->decoded_len = n < 0 ? 0 : (size_t)n;
-        }
-        *p = m->decoded;
-        *len = m->decoded_len;
-        return;
-    }
-    *p = m->data;
-    *len = m->len;
-}
-
 struct deliver_ctx {
     struct chan_msg *m;
     const char *data;
@@ -1891,22 +1873,12 @@ static int do_deliver(lua_State *L)
 int script_deliver(struct route *r, struct chan_msg *m, const char **p, size_t *len, int *opcode)
 {
     struct lstate *st = r->script_state;
-    const char *data;
-    size_t dlen;
-    plain_payload(m, &data, &dlen);
-    if (!st || st->fn[HOOK_DELIVER] == LUA_NOREF) {
-        *p = data;
-        *len = dlen;
-        if (data == m->data) {
-            if (m->utf8 < 0)
-                m->utf8 = (int8_t)ws_utf8_valid((const uint8_t *)m->data, m->len);
-            *opcode = m->utf8 ? WS_OP_TEXT : WS_OP_BINARY;
-        } else {
-            *opcode = ws_utf8_valid((const uint8_t *)data, dlen) ? WS_OP_TEXT : WS_OP_BINARY;
-        }
+    if (!st || st->fn[HOOK_DELIVER] == LUA_NOREF) { /* passed on as a raw route would */
+        route_plain_payload(m, p, len, opcode);
         return 0;
     }
-    struct deliver_ctx x = {.m = m, .data = data, .len = dlen};
+    struct deliver_ctx x = {.m = m};
+    route_plain_payload(m, &x.data, &x.len, NULL); /* what deliver is given */
     int prev = st->in_deliver;
     st->in_deliver = 1;
     int rc = run(st, current(st), HOOK_DELIVER, do_deliver, &x, 0);
