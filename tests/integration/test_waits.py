@@ -52,7 +52,8 @@ def test_frames_behind_a_waiting_handshake_wait_for_its_101(herald_factory, redi
     for i in range(5):
         with socket.create_connection((HOST, h.port), timeout=10) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(handshake_request(h.port, "/sub/h:ping%d" % i) + encode_frame(OP_PING, b"p%d" % i))
+            ping = encode_frame(OP_PING, b"p%d" % i)
+            s.sendall(handshake_request(h.port, "/sub/h:ping%d" % i) + ping)
             buf = bytearray()
             assert read_until(s, buf, lambda b: b"\r\n\r\n" in b)
             assert buf.startswith(b"HTTP/1.1 101 "), bytes(buf[:200])
@@ -65,7 +66,8 @@ def test_frames_behind_a_waiting_handshake_wait_for_its_101(herald_factory, redi
 
 
 def handshake_response(port, target, timeout=10.0):
-    """Send a WebSocket handshake for target; returns (seconds until the response head, the head)."""
+    """Send a WebSocket handshake for target; returns (seconds until the response head, the
+    head)."""
     with socket.create_connection((HOST, port), timeout=timeout) as s:
         t0 = time.monotonic()
         s.sendall(handshake_request(port, target))
@@ -92,7 +94,8 @@ def test_a_waiting_handshake_or_stream_is_refused_after_http_timeout(herald_fact
         assert c.at_eof()
     s = h.wait_stats(lambda s: s["connections"] == 1 and s["websockets"] == 0 and
                      s["sse_streams"] == 0 and s["subscriptions"] == 0)
-    assert (s["connections"], s["websockets"], s["sse_streams"], s["subscriptions"]) == (1, 0, 0, 0), s
+    assert (s["connections"], s["websockets"], s["sse_streams"], s["subscriptions"]) == \
+        (1, 0, 0, 0), s
     # Redis back: the same requests are answered at once.
     redis_server.start()
     h.wait_stats(lambda s: s["redis"]["connected"], 10)
