@@ -197,29 +197,30 @@ out:
     return g;
 }
 
-int auth_allows(const struct auth_grants *g, enum auth_action action, const char *channel, size_t len)
+/* 1 if one of g's grants for action covers name[0..len): a grant "x*" every name that starts
+ * with x, and, when the name is a whole channel name (not a prefix), a grant equal to it. */
+static int allows(const struct auth_grants *g, enum auth_action action, const char *name, size_t len,
+                  int whole)
 {
     for (char **p = g ? g->patterns[action] : NULL; p && *p; p++) {
         size_t plen = strlen(*p);
-        if (plen && (*p)[plen - 1] == '*') {
-            if (len >= plen - 1 && memcmp(channel, *p, plen - 1) == 0)
-                return 1;
-        } else if (plen == len && memcmp(channel, *p, len) == 0) {
+        int wildcard = plen && (*p)[plen - 1] == '*';
+        if (wildcard ? (len >= plen - 1 && memcmp(name, *p, plen - 1) == 0)
+                     : (whole && plen == len && memcmp(name, *p, len) == 0))
             return 1;
-        }
     }
     return 0;
+}
+
+int auth_allows(const struct auth_grants *g, enum auth_action action, const char *channel, size_t len)
+{
+    return allows(g, action, channel, len, 1);
 }
 
 int auth_allows_prefix(const struct auth_grants *g, enum auth_action action, const char *prefix,
                        size_t len)
 {
-    for (char **p = g ? g->patterns[action] : NULL; p && *p; p++) {
-        size_t plen = strlen(*p);
-        if (plen && (*p)[plen - 1] == '*' && len >= plen - 1 && memcmp(prefix, *p, plen - 1) == 0)
-            return 1;
-    }
-    return 0;
+    return allows(g, action, prefix, len, 0);
 }
 
 const char *auth_subject(const struct auth_grants *g) { return g ? g->subject : NULL; }

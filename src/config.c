@@ -4,6 +4,7 @@
 #include "buf.h"
 #include "channel.h"
 #include "route.h"
+#include "script.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -725,33 +726,9 @@ static char *read_file(const char *file, size_t *len)
     return b.data;
 }
 
-/* setmetatable without finalizers: Lua runs __gc with hooks off, so the instruction bound could
- * not stop one that loops (and they would all run when the state is closed). */
-static int l_setmetatable(lua_State *L)
+/* The libraries a sandboxed chunk may use. */
+static void open_sandboxed(lua_State *L)
 {
-    if (lua_type(L, 2) == LUA_TTABLE) {
-        lua_pushliteral(L, "__gc");
-        if (lua_rawget(L, 2) != LUA_TNIL)
-            return luaL_error(L, "__gc metamethods are not available in the configuration");
-        lua_pop(L, 1);
-    }
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-    return lua_gettop(L);
-}
-
-/* Open the libraries the chunk may use (called protected: it allocates). */
-static int open_libs(lua_State *L)
-{
-    const struct config_env *env = lua_touserdata(L, 1);
-    if (!env->sandbox) {
-        luaL_openlibs(L);
-        lua_getglobal(L, "setmetatable");
-        lua_pushcclosure(L, l_setmetatable, 1);
-        lua_setglobal(L, "setmetatable");
-        return 0;
-    }
     static const luaL_Reg libs[] = {{LUA_GNAME, luaopen_base},         {LUA_TABLIBNAME, luaopen_table},
                                     {LUA_STRLIBNAME, luaopen_string},  {LUA_MATHLIBNAME, luaopen_math},
                                     {LUA_UTF8LIBNAME, luaopen_utf8},   {LUA_COLIBNAME, luaopen_coroutine},
@@ -777,9 +754,19 @@ static int open_libs(lua_State *L)
         lua_setfield(L, -2, removed[i][1]);
         lua_pop(L, 1);
     }
-    lua_getglobal(L, "setmetatable");
-    lua_pushcclosure(L, l_setmetatable, 1);
-    lua_setglobal(L, "setmetatable");
+}
+
+/* Open the libraries the chunk may use (called protected: it allocates), with setmetatable
+ * refusing finalizers, which would run where the instruction bound does not reach (and all of
+ * them when the state is closed). */
+static int open_libs(lua_State *L)
+{
+    const struct config_env *env = lua_touserdata(L, 1);
+    if (env->sandbox)
+        open_sandboxed(L);
+    else
+        luaL_openlibs(L);
+    script_guard_setmetatable(L, "in the configuration");
     return 0;
 }
 

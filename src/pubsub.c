@@ -8,18 +8,23 @@ enum { KEY_OP, KEY_CHANNEL, KEY_DATA, KEY_ID, KEY_SINCE, KEY_EPOCH, KEY_PATTERN,
 static const char *const request_keys[KEY_COUNT] = {"op", "channel", "data", "id", "since", "epoch",
                                                     "pattern", "presence", "events", "info"};
 
+int64_t pubsub_seq_parse(const char *p, size_t len)
+{
+    if (!len || len > 19)
+        return -1;
+    uint64_t v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return -1;
+        v = v * 10 + (uint64_t)(p[i] - '0'); /* 19 digits fit in 64 bits */
+    }
+    return v <= INT64_MAX ? (int64_t)v : -1;
+}
+
 /* A non-negative integer JSON number; -1 if it is anything else. */
 static int64_t span_seq(const struct json_span *s)
 {
-    if (s->type != JSON_NUMBER || s->len > 18)
-        return -1;
-    int64_t v = 0;
-    for (size_t i = 0; i < s->len; i++) {
-        if (s->p[i] < '0' || s->p[i] > '9')
-            return -1;
-        v = v * 10 + (s->p[i] - '0');
-    }
-    return v;
+    return s->type == JSON_NUMBER ? pubsub_seq_parse(s->p, s->len) : -1;
 }
 
 /* Decode a short JSON string member into out (room for cap bytes, NUL-terminated). -1 if it is

@@ -41,6 +41,12 @@ struct pubsub_request {
 int pubsub_parse(const char *data, size_t len, int binary, struct pubsub_request *req,
                  const char **error, char error_buf[64]);
 
+/* A seq (a message's number in its channel) as text: p[0..len) is 1 to 19 decimal digits, of a
+ * value up to INT64_MAX. Returns it, or -1 if the text is anything else. The one reading of a seq,
+ * wherever one comes from: a subscribe's "since", a raw route's ?since=, an event stream's
+ * Last-Event-ID, Redis's answers. */
+int64_t pubsub_seq_parse(const char *p, size_t len);
+
 /* Append the reply to a bad request, {"op":"error","error":"...","id":...}, to out: valid JSON
  * and valid UTF-8 whatever error holds. id may be NULL. */
 void pubsub_error_reply(struct buf *out, const char *error, const struct json_span *id);

@@ -44,6 +44,7 @@
 #include "json.h"
 #include "log.h"
 #include "pattern.h"
+#include "pubsub.h"
 #include "stats.h"
 
 #include <hiredis/adapters/libev.h>
@@ -66,6 +67,8 @@
 #define PUBLISH_BACKLOG_MIN (16u << 20)
 /* A connection that stayed up this long resets the backoff: the next outage retries quickly. */
 #define STABLE_AFTER 5.0
+/* The elements of an array of a command's arguments: their count. */
+#define NARGS(argv) ((int)(sizeof(argv) / sizeof((argv)[0])))
 
 /* A small hash table of strings (SipHash-keyed: names come from clients and Redis), each with a
  * value of its user's. */
@@ -791,8 +794,9 @@ enum cmd_state {
     CMD_HELD,  /* not sent: a command before it waits to be sent again */
 };
 
-/* A script command to the publisher, with a copy of its arguments (from numkeys on), so that it
- * can be sent again. */
+/* A script command to the publisher, with a copy of its arguments (from numkeys on) after the
+ * two that cmd_send sets (EVALSHA and the SHA1, or EVAL and the script), so that it can be sent
+ * again. */
 struct rcmd {
     struct rcmd *next;
     uint8_t script;
@@ -800,9 +804,9 @@ struct rcmd {
     struct chan_pub *pub;     /* SCRIPT_PUBLISH */
     struct chan_fetch *fetch; /* SCRIPT_JOIN, SCRIPT_RANGE; NULL once failed from elsewhere */
     struct mark *mark;        /* SCRIPT_JOIN: its mark, while that has not come */
-    int argc;
+    int argc;                 /* the whole command's */
     size_t *lens;
-    char **argv;
+    const char **argv;
 };
 
 /* A join waiting for its mark in the live stream. */
@@ -853,18 +857,13 @@ static int epoch_valid(const char *p, size_t len)
     return 1;
 }
 
-/* Digits to a seq; -1 if they are not one. */
+/* The seq in p[0..len): 0, or -1 if it is not one. */
 static int parse_seq(const char *p, size_t len, uint64_t *out)
 {
-    if (!len || len > 19)
+    int64_t v = pubsub_seq_parse(p, len);
+    if (v < 0)
         return -1;
-    uint64_t v = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (p[i] < '0' || p[i] > '9')
-            return -1;
-        v = v * 10 + (uint64_t)(p[i] - '0');
-    }
-    *out = v;
+    *out = (uint64_t)v;
     return 0;
 }
 
@@ -884,6 +883,16 @@ static int pub_usable(void)
            !(R.pub.ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
 }
 
+/* 1 if one of the first n configured patterns, its PSUBSCRIBE confirmed by Redis, matches the
+ * channel: Redis sends the channel's messages through it. */
+static int confirmed_pattern_matches(size_t n, const char *name, size_t len)
+{
+    for (size_t j = 0; j < n; j++)
+        if (R.pattern_ok[j] && glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), name, len))
+            return 1;
+    return 0;
+}
+
 /* Does this node hear the channel now: Redis confirmed its SUBSCRIBE, or a configured pattern's? */
 static int heard(const char *name, size_t len)
 {
@@ -891,10 +900,7 @@ static int heard(const char *name, size_t len)
         return 0;
     if (smap_find(&R.confirmed, name, len) && !smap_find(&R.leaving, name, len))
         return 1;
-    for (size_t j = 0; j < R.cfg->npatterns; j++)
-        if (R.pattern_ok[j] && glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), name, len))
-            return 1;
-    return 0;
+    return confirmed_pattern_matches(R.cfg->npatterns, name, len);
 }
 
 static size_t key_name(char *out, size_t cap, const char *name, size_t len, const char *what)
@@ -902,6 +908,7 @@ static size_t key_name(char *out, size_t cap, const char *name, size_t len, cons
     return (size_t)snprintf(out, cap, "herald:{%.*s}:%s", (int)len, name, what);
 }
 
+/* A command calling script with argv[0..argc) (numkeys, the keys, the arguments), copied. */
 static struct rcmd *cmd_new(int script, int argc, const char **argv, const size_t *lens)
 {
     size_t total = 0;
@@ -909,13 +916,13 @@ static struct rcmd *cmd_new(int script, int argc, const char **argv, const size_
         total += lens[i];
     struct rcmd *c = xcalloc(1, sizeof(*c));
     c->script = (uint8_t)script;
-    c->argc = argc;
-    c->lens = xmalloc(argc * sizeof(*c->lens));
-    c->argv = xmalloc(argc * sizeof(*c->argv) + total);
-    char *p = (char *)(c->argv + argc);
+    c->argc = 2 + argc;
+    c->lens = xmalloc(c->argc * sizeof(*c->lens));
+    c->argv = xmalloc(c->argc * sizeof(*c->argv) + total);
+    char *p = (char *)(c->argv + c->argc);
     for (int i = 0; i < argc; i++) {
-        c->argv[i] = p;
-        c->lens[i] = lens[i];
+        c->argv[2 + i] = p;
+        c->lens[2 + i] = lens[i];
         memcpy(p, argv[i], lens[i]);
         p += lens[i];
     }
@@ -937,17 +944,11 @@ static int cmd_send(struct rcmd *c, int eval)
 {
     if (!pub_usable())
         return -1;
-    const char *argv[16];
-    size_t lens[16];
-    argv[0] = eval ? "EVAL" : "EVALSHA";
-    lens[0] = strlen(argv[0]);
-    argv[1] = eval ? script_text[c->script] : script_sha[c->script];
-    lens[1] = strlen(argv[1]);
-    for (int i = 0; i < c->argc && i < 14; i++) {
-        argv[2 + i] = c->argv[i];
-        lens[2 + i] = c->lens[i];
-    }
-    if (redisAsyncCommandArgv(R.pub.ac, on_cmd_reply, c, 2 + c->argc, argv, lens) != REDIS_OK)
+    c->argv[0] = eval ? "EVAL" : "EVALSHA";
+    c->lens[0] = strlen(c->argv[0]);
+    c->argv[1] = eval ? script_text[c->script] : script_sha[c->script];
+    c->lens[1] = strlen(c->argv[1]);
+    if (redisAsyncCommandArgv(R.pub.ac, on_cmd_reply, c, c->argc, c->argv, c->lens) != REDIS_OK)
         return -1;
     c->state = CMD_SENT;
     R.cmds_sent++;
@@ -1048,6 +1049,10 @@ static void fetch_answer(struct rcmd *c, const redisReply *r)
         e[k].is_json = kind->len == 1 && kind->str[0] == 'j' && json_valid(d->str, d->len);
         k++;
     }
+    /* A replay with a hole is no replay: the client is told it was not recovered. (What a range
+     * lacks is counted as missed, like what the history no longer holds.) */
+    if (k < n && rec == 1)
+        rec = 0;
     char epoch[CHAN_EPOCH_MAX + 1];
     snprintf(epoch, sizeof(epoch), "%.*s", (int)r->element[0]->len, r->element[0]->str);
     struct chan_fetch_result res = {.epoch = epoch, .last = last, .recovered = (int)rec, .n = k,
@@ -1171,7 +1176,7 @@ static int on_number(struct chan_pub *p, const struct chan_msg *m, size_t length
                           R.node_id};
     size_t lens[] = {1, k1n, k2n, m->channel_len, 1, m->len, strlen(len_s), strlen(age_s), 16,
                      NODE_ID_LEN};
-    struct rcmd *c = cmd_new(SCRIPT_PUBLISH, 10, argv, lens);
+    struct rcmd *c = cmd_new(SCRIPT_PUBLISH, NARGS(argv), argv, lens);
     c->pub = p;
     if (cmd_submit(c) < 0) {
         cmd_free(c);
@@ -1194,7 +1199,7 @@ static int fetch_send(struct chan_fetch *f)
         snprintf(b, sizeof(b), "%llu", (unsigned long long)f->until);
         const char *argv[] = {"2", k1, k2, a, b};
         size_t lens[] = {1, k1n, k2n, strlen(a), strlen(b)};
-        c = cmd_new(SCRIPT_RANGE, 5, argv, lens);
+        c = cmd_new(SCRIPT_RANGE, NARGS(argv), argv, lens);
     } else {
         snprintf(a, sizeof(a), "%lld", (long long)f->since);
         snprintf(b, sizeof(b), "%lld", (long long)f->since + 1);
@@ -1205,7 +1210,7 @@ static int fetch_send(struct chan_fetch *f)
         const char *argv[] = {"2", k1, k2, f->name, a, f->epoch, len_s, age_s, ep, R.node_id, token, b};
         size_t lens[] = {1, k1n, k2n, f->name_len, strlen(a), strlen(f->epoch), strlen(len_s),
                          strlen(age_s), 16, NODE_ID_LEN, strlen(token), strlen(b)};
-        c = cmd_new(SCRIPT_JOIN, 12, argv, lens);
+        c = cmd_new(SCRIPT_JOIN, NARGS(argv), argv, lens);
     }
     c->fetch = f;
     if (cmd_submit(c) < 0) {
@@ -1564,16 +1569,11 @@ static void glob_message(const char *glob, size_t glob_len, const char *channel,
         return; /* not one of ours any more, or a channel no herald client can want */
     /* Taken through a higher rank: the channel's own subscription, a configured pattern, an older
      * glob. */
-    if (smap_find(&R.confirmed, channel, channel_len)) {
+    if (smap_find(&R.confirmed, channel, channel_len) ||
+        confirmed_pattern_matches(R.cfg->npatterns, channel, channel_len)) {
         R.duplicates_dropped++;
         return;
     }
-    for (size_t j = 0; j < R.cfg->npatterns; j++)
-        if (R.pattern_ok[j] && glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), channel,
-                                          channel_len)) {
-            R.duplicates_dropped++;
-            return;
-        }
     uint64_t min = UINT64_MAX;
     pattern_match(R.globs, channel, channel_len, 1, min_confirmed, &min);
     if (pattern_serial(g->node) != min) {
@@ -1756,24 +1756,21 @@ static struct replica *replica_find(const char *name, size_t len)
     return e ? e->value : NULL;
 }
 
-static void replica_free(const char *name, size_t len)
-{
-    struct sentry *e = smap_find(&R.replicas, name, len);
-    if (!e)
-        return;
-    struct replica *rep = e->value;
-    smap_clear(&rep->members, free);
-    buf_free(&rep->backlog);
-    free(rep);
-    smap_del(&R.replicas, e);
-}
-
 static void free_replica_value(void *v)
 {
     struct replica *rep = v;
     smap_clear(&rep->members, free);
     buf_free(&rep->backlog);
     free(rep);
+}
+
+static void replica_free(const char *name, size_t len)
+{
+    struct sentry *e = smap_find(&R.replicas, name, len);
+    if (!e)
+        return;
+    free_replica_value(e->value);
+    smap_del(&R.replicas, e);
 }
 
 static size_t events_channel(char *out, const char *name, size_t len)
@@ -1811,6 +1808,16 @@ static size_t info_checked(const char *info, size_t len)
     return len && len <= CHAN_INFO_MAX && info[0] == '{' && json_valid(info, len) ? len : 0;
 }
 
+/* A member's info (e's value) becomes a copy of info[0..len), NUL-terminated. */
+static void member_set_info(struct sentry *e, const char *info, size_t len)
+{
+    free(e->value);
+    e->value = xmalloc(len + 1);
+    memcpy(e->value, info, len);
+    ((char *)e->value)[len] = 0;
+    e->vlen = len;
+}
+
 /* Apply a join or leave of another node's member to the replica, telling local listeners when it
  * changes something. */
 static void replica_apply(struct replica *rep, const char *name, size_t name_len, int join,
@@ -1821,11 +1828,7 @@ static void replica_apply(struct replica *rep, const char *name, size_t name_len
         int known = e != NULL;
         if (!e)
             e = smap_put(&rep->members, id, id_len);
-        free(e->value);
-        e->value = xmalloc(info_len + 1);
-        memcpy(e->value, info, info_len);
-        ((char *)e->value)[info_len] = 0;
-        e->vlen = info_len;
+        member_set_info(e, info, info_len);
         if (!known)
             chan_presence_event(name, name_len, 1, id, id_len, info, info_len);
     } else if (e) {
@@ -1875,13 +1878,7 @@ static void replica_load(struct replica *rep, const char *name, size_t name_len,
         if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING ||
             !member_id_valid(f->str, f->len) || memcmp(f->str, R.node_id, NODE_ID_LEN) == 0)
             continue;
-        struct sentry *e = smap_put(&fresh, f->str, f->len);
-        size_t n = info_checked(v->str, v->len);
-        free(e->value);
-        e->value = xmalloc(n + 1);
-        memcpy(e->value, v->str, n);
-        ((char *)e->value)[n] = 0;
-        e->vlen = n;
+        member_set_info(smap_put(&fresh, f->str, f->len), v->str, info_checked(v->str, v->len));
     }
     if (rep->loaded) {
         for (size_t i = 0; i < rep->members.size; i++)
@@ -1927,23 +1924,28 @@ static void on_fetch(redisAsyncContext *ac, void *r, void *priv)
     free(f);
 }
 
-static void replica_fetch(struct replica *rep, const char *name, size_t len)
+/* Fetch the channel's members of other nodes into rep. Returns 0, or -1 when the publisher
+ * cannot take the command now (rep then waits for it: REP_WAIT). */
+static int replica_fetch(struct replica *rep, const char *name, size_t len)
 {
     rep->gen++;
     rep->backlog.len = 0;
-    if (!R.pub.ready) {
-        rep->state = REP_WAIT;
-        return;
-    }
+    rep->state = REP_WAIT;
+    if (!pub_usable())
+        return -1;
     struct fetch *f = xmalloc(sizeof(*f) + len);
     f->gen = rep->gen;
     f->len = len;
     memcpy(f->name, name, len);
     const char *argv[4] = {"EVAL", LUA_FETCH, "0", name};
     size_t lens[4] = {4, sizeof(LUA_FETCH) - 1, 1, len};
+    if (redisAsyncCommandArgv(R.pub.ac, on_fetch, f, 4, argv, lens) != REDIS_OK) {
+        free(f);
+        return -1;
+    }
     rep->state = REP_LOADING;
     R.fetches++;
-    redisAsyncCommandArgv(R.pub.ac, on_fetch, f, 4, argv, lens);
+    return 0;
 }
 
 /* A channel gained its first local member or listener: follow it; or lost its last: stop. */
@@ -1970,14 +1972,17 @@ static void on_presence_interest(const char *name, size_t len, int on, void *arg
 /* Is the channel's view complete? A channel this node does not follow is fetched now. */
 static int on_presence_complete(const char *name, size_t len, void *arg)
 {
-    if (!R.pub.ready || !R.sub.ready)
+    if (!pub_usable() || !R.sub.ready)
         return 1; /* it will not be better soon: answer with what is known */
     struct replica *rep = replica_find(name, len);
     if (rep)
         return rep->state == REP_READY;
     struct sentry *e = smap_put(&R.replicas, name, len);
     e->value = rep = xcalloc(1, sizeof(*rep));
-    replica_fetch(rep, name, len);
+    if (replica_fetch(rep, name, len) < 0) {
+        replica_free(name, len);
+        return 1;
+    }
     return 0;
 }
 
@@ -1991,40 +1996,38 @@ static void on_presence_remote(const char *name, size_t len, chan_member_fn fn, 
             fn(e->key, e->klen, e->value, e->vlen, NULL, fn_arg);
 }
 
+/* Run script (it takes no keys) on the publisher, if it can take it now. argv[0..argc) and lens
+ * are the whole command: the first three (EVAL, the script, 0) are set here, the rest are the
+ * script's arguments. */
 static void eval(const char *script, size_t script_len, redisCallbackFn *cb, int argc,
-                 const char **args, const size_t *lens)
+                 const char **argv, size_t *lens)
 {
-    if (!R.pub.ready)
+    if (!pub_usable())
         return;
-    const char *argv[8];
-    size_t alen[8];
     argv[0] = "EVAL";
-    alen[0] = 4;
+    lens[0] = 4;
     argv[1] = script;
-    alen[1] = script_len;
+    lens[1] = script_len;
     argv[2] = "0";
-    alen[2] = 1;
-    for (int i = 0; i < argc && i < 5; i++) {
-        argv[3 + i] = args[i];
-        alen[3 + i] = lens[i];
-    }
-    redisAsyncCommandArgv(R.pub.ac, cb, NULL, 3 + argc, argv, alen);
+    lens[2] = 1;
+    redisAsyncCommandArgv(R.pub.ac, cb, NULL, argc, argv, lens);
 }
 
 static void on_presence_join(const char *name, size_t len, const char *id, size_t id_len,
                              const char *info, size_t info_len, void *arg)
 {
-    const char *args[4] = {R.node_id, name, id, info};
-    size_t lens[4] = {NODE_ID_LEN, len, id_len, info_len};
-    eval(LUA_JOIN, sizeof(LUA_JOIN) - 1, NULL, 4, args, lens); /* when down: the resync does it */
+    const char *argv[] = {NULL, NULL, NULL, R.node_id, name, id, info};
+    size_t lens[] = {0, 0, 0, NODE_ID_LEN, len, id_len, info_len};
+    /* When the publisher is down, the resync that follows its return does it. */
+    eval(LUA_JOIN, sizeof(LUA_JOIN) - 1, NULL, NARGS(argv), argv, lens);
 }
 
 static void on_presence_leave(const char *name, size_t len, const char *id, size_t id_len,
                               const char *info, size_t info_len, void *arg)
 {
-    const char *args[3] = {R.node_id, name, id};
-    size_t lens[3] = {NODE_ID_LEN, len, id_len};
-    eval(LUA_LEAVE, sizeof(LUA_LEAVE) - 1, NULL, 3, args, lens);
+    const char *argv[] = {NULL, NULL, NULL, R.node_id, name, id};
+    size_t lens[] = {0, 0, 0, NODE_ID_LEN, len, id_len};
+    eval(LUA_LEAVE, sizeof(LUA_LEAVE) - 1, NULL, NARGS(argv), argv, lens);
 }
 
 /* The resync's arguments: every local member of every followed channel. Member ids are made in
@@ -2074,7 +2077,7 @@ static void resync_channel(const char *name, size_t len, void *arg)
 /* Make Redis hold exactly this node's members (one script, however many). */
 static void resync(void)
 {
-    if (!R.pub.ready)
+    if (!pub_usable())
         return;
     char ttl[32];
     snprintf(ttl, sizeof(ttl), "%.0f", R.cfg->presence_ttl * 1000);
@@ -2110,10 +2113,12 @@ static void on_beat_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     char ttl[32];
     snprintf(ttl, sizeof(ttl), "%.0f", R.cfg->presence_ttl * 1000);
-    const char *args[2] = {R.node_id, ttl};
-    size_t lens[2] = {NODE_ID_LEN, strlen(ttl)};
-    eval(LUA_BEAT, sizeof(LUA_BEAT) - 1, on_beat, 2, args, lens);
-    eval(LUA_REAP, sizeof(LUA_REAP) - 1, NULL, 0, NULL, NULL);
+    const char *argv[] = {NULL, NULL, NULL, R.node_id, ttl};
+    size_t lens[] = {0, 0, 0, NODE_ID_LEN, strlen(ttl)};
+    eval(LUA_BEAT, sizeof(LUA_BEAT) - 1, on_beat, NARGS(argv), argv, lens);
+    const char *reap[3];
+    size_t reap_lens[3];
+    eval(LUA_REAP, sizeof(LUA_REAP) - 1, NULL, NARGS(reap), reap, reap_lens);
 }
 
 /* The publisher is (again) ready: write this node's members, fetch what waits for it. */
@@ -2204,11 +2209,8 @@ static void on_sub_reply(redisAsyncContext *ac, void *r, void *priv)
             return; /* else a pattern no longer configured */
         }
         /* Take it from the first confirmed pattern that matches, once. */
-        for (int j = 0; j < idx; j++)
-            if (R.pattern_ok[j] &&
-                glob_match(R.cfg->patterns[j], strlen(R.cfg->patterns[j]), e[2]->str, e[2]->len))
-                return;
-        deliver(e[2]->str, e[2]->len, e[3]->str, e[3]->len);
+        if (!confirmed_pattern_matches((size_t)idx, e[2]->str, e[2]->len))
+            deliver(e[2]->str, e[2]->len, e[3]->str, e[3]->len);
     } else if (e[2]->type == REDIS_REPLY_INTEGER && e[1]->type == REDIS_REPLY_STRING) {
         R.subscriptions = e[2]->integer;
         int psub = is_kind(kind, "psubscribe"), punsub = is_kind(kind, "punsubscribe");
@@ -2251,7 +2253,7 @@ static void on_sub_reply(redisAsyncContext *ac, void *r, void *priv)
 static void on_published(const struct chan_msg *m, void *arg)
 {
     struct link *l = &R.pub;
-    if (!l->ready) {
+    if (!pub_usable()) {
         R.mirror_dropped++;
         return;
     }
@@ -2267,7 +2269,10 @@ static void on_published(const struct chan_msg *m, void *arg)
     buf_append(&scratch, m->data, m->len);
     const char *argv[3] = {"PUBLISH", m->channel, scratch.data};
     size_t lens[3] = {7, m->channel_len, scratch.len};
-    redisAsyncCommandArgv(l->ac, NULL, NULL, 3, argv, lens);
+    if (redisAsyncCommandArgv(l->ac, NULL, NULL, 3, argv, lens) != REDIS_OK) {
+        R.mirror_dropped++;
+        return;
+    }
     R.mirror_published++;
 }
 
@@ -2308,138 +2313,144 @@ static void json_str(struct buf *b, const char *s)
     b->len += json_string_encode(s, n, out);
 }
 
+/* The groups of figures: /stats nests them (redis, redis.mirror, redis.mirror.history,
+ * redis.mirror.presence); /metrics names them with a prefix. */
+enum { FIG_REDIS, FIG_MIRROR, FIG_HISTORY, FIG_PRESENCE, FIG_GROUPS };
+static const char *const fig_prefix[FIG_GROUPS] = {"redis_", "redis_mirror_", "redis_history_",
+                                                   "redis_mirror_presence_"};
+#define FIG_MAX 24
+
+struct figures {
+    struct stats_figure f[FIG_GROUPS][FIG_MAX];
+    size_t n[FIG_GROUPS];
+};
+
+/* Every figure of /stats's "redis" object and of /metrics's herald_redis_*, in one place so that
+ * the two cannot drift apart. */
+static void collect(struct figures *x)
+{
+    int on = R.cfg != NULL, mirror = on && R.cfg->mirror;
+    struct chan_rstats h;
+    chan_rstats_get(&h);
+    size_t remote = 0;
+    for (size_t i = 0; i < R.replicas.size; i++)
+        for (struct sentry *e = R.replicas.b[i]; e; e = e->next)
+            remote += ((struct replica *)e->value)->members.count;
+    memset(x->n, 0, sizeof(x->n));
+#define FIG(g, nm, ty, hp, val)                                                                    \
+    x->f[g][x->n[g]++] = (struct stats_figure){nm, STATS_##ty, hp, (double)(val)}
+    FIG(FIG_REDIS, "configured", FLAG, "1 when a Redis source is configured", on);
+    FIG(FIG_REDIS, "connected", FLAG, "1 when the Redis source is connected", connected());
+    FIG(FIG_REDIS, "reconnects", COUNTER, "Reconnections to Redis after a lost connection",
+        R.sub.reconnects);
+    FIG(FIG_REDIS, "messages_received", COUNTER, "Messages received from Redis", R.received);
+    FIG(FIG_REDIS, "messages_published", COUNTER, "Messages from Redis published to local channels",
+        R.published);
+    FIG(FIG_REDIS, "messages_dropped", COUNTER,
+        "Messages from Redis dropped (invalid channel name, over max_message)", R.dropped);
+    FIG(FIG_REDIS, "own_messages_dropped", COUNTER,
+        "This node's mirrored messages coming back from Redis, dropped", R.own_dropped);
+    FIG(FIG_REDIS, "subscriptions", GAUGE, "Redis channels and patterns subscribed", R.subscriptions);
+    FIG(FIG_REDIS, "channels", GAUGE, "Redis channels configured", on ? R.cfg->nchannels : 0);
+    FIG(FIG_REDIS, "patterns", GAUGE, "Redis patterns configured", on ? R.cfg->npatterns : 0);
+
+    FIG(FIG_MIRROR, "enabled", FLAG, "1 when mirror mode is on", mirror);
+    FIG(FIG_MIRROR, "connected", FLAG, "1 when the mirror publisher is connected",
+        mirror && R.pub.ready);
+    FIG(FIG_MIRROR, "reconnects", COUNTER,
+        "Reconnections of the mirror publisher after a lost connection", R.pub.reconnects);
+    FIG(FIG_MIRROR, "published", COUNTER, "Messages mirrored to Redis", R.mirror_published);
+    FIG(FIG_MIRROR, "dropped", COUNTER, "Messages not mirrored (publisher down or too far behind)",
+        R.mirror_dropped);
+    FIG(FIG_MIRROR, "patterns", GAUGE, "Redis globs subscribed for local pattern subscribers",
+        R.nglobs);
+    FIG(FIG_MIRROR, "duplicates_dropped", COUNTER,
+        "Copies of a message from Redis dropped because another subscription brought it",
+        R.duplicates_dropped);
+    FIG(FIG_MIRROR, "filtered", COUNTER, "Messages through a pattern's glob that no local pattern "
+        "wanted", R.filtered);
+
+    FIG(FIG_HISTORY, "channels", GAUGE, "Channels whose history Redis keeps", h.channels);
+    FIG(FIG_HISTORY, "publishes", COUNTER, "Messages handed to Redis to be numbered and kept",
+        h.publishes);
+    FIG(FIG_HISTORY, "publish_errors", COUNTER,
+        "Publishes refused or failed because Redis could not number them", h.publish_errors);
+    FIG(FIG_HISTORY, "in_flight", GAUGE, "History scripts sent to Redis and not answered",
+        R.cmds_sent);
+    FIG(FIG_HISTORY, "joins", COUNTER,
+        "Subscriptions that joined a channel through Redis (with or without a resume)", h.joins);
+    FIG(FIG_HISTORY, "join_errors", COUNTER,
+        "Subscriptions refused because Redis could not be reached", h.join_errors);
+    FIG(FIG_HISTORY, "joining", GAUGE, "Subscriptions waiting for their join point", h.joining);
+    FIG(FIG_HISTORY, "joins_waiting", GAUGE,
+        "Joins waiting for this node to hear their channel, or for Redis", R.nfwait);
+    FIG(FIG_HISTORY, "fetches", COUNTER, "Join and gap fetches sent to Redis", h.fetches);
+    FIG(FIG_HISTORY, "marks", COUNTER, "Join marks that came back through the live stream",
+        R.marks_seen);
+    FIG(FIG_HISTORY, "gaps_filled", COUNTER, "Gaps in a channel's live stream filled from its "
+        "history", h.gaps);
+    FIG(FIG_HISTORY, "missed", COUNTER, "Seqs that could not be filled (no longer in the history)",
+        h.missed);
+    FIG(FIG_HISTORY, "duplicates", COUNTER, "Numbered messages seen twice, dropped", h.duplicates);
+    FIG(FIG_HISTORY, "held", GAUGE, "Live messages held while a gap is filled or a join is answered",
+        h.held);
+    FIG(FIG_HISTORY, "epoch_changes", COUNTER,
+        "Channels whose history started again under a new epoch", h.epoch_changes);
+    FIG(FIG_HISTORY, "unnumbered_dropped", COUNTER,
+        "Messages published to Redis without a number on such a channel, dropped",
+        h.unnumbered_dropped);
+    FIG(FIG_HISTORY, "script_errors", COUNTER,
+        "History scripts that failed or were answered with something unexpected", R.script_errors);
+    FIG(FIG_HISTORY, "noscript", COUNTER, "History scripts Redis had forgotten (sent again)",
+        R.noscript);
+
+    FIG(FIG_PRESENCE, "ttl", GAUGE, "Seconds a node's presence lasts without a heartbeat",
+        mirror ? R.cfg->presence_ttl : 0);
+    FIG(FIG_PRESENCE, "channels", GAUGE, "Channels whose members of other nodes are followed",
+        R.replicas.count);
+    FIG(FIG_PRESENCE, "remote_members", GAUGE, "Presence members of other nodes known here",
+        remote);
+    FIG(FIG_PRESENCE, "announcements", COUNTER, "Presence joins and leaves heard from other nodes",
+        R.presence_events);
+    FIG(FIG_PRESENCE, "fetches", COUNTER, "Fetches of other nodes' members", R.fetches);
+    FIG(FIG_PRESENCE, "resyncs", COUNTER, "Times this node wrote all its members to Redis again",
+        R.resyncs);
+#undef FIG
+}
+
 static void stats_json(struct buf *b, void *arg)
 {
-    int on = R.cfg != NULL;
-    buf_printf(b, "\"redis\":{\"configured\":%s,\"connected\":%s,\"state\":\"%s\"",
-               on ? "true" : "false", connected() ? "true" : "false", state_name(&R.sub));
-    if (on) {
+    struct figures x;
+    collect(&x);
+    buf_append_str(b, "\"redis\":{");
+    stats_figures_json(b, x.f[FIG_REDIS], x.n[FIG_REDIS]);
+    buf_printf(b, ",\"state\":\"%s\"", state_name(&R.sub));
+    if (R.cfg) {
         buf_append_str(b, ",\"address\":");
         json_str(b, address());
     }
-    buf_printf(b, ",\"reconnects\":%llu,\"messages_received\":%llu,\"messages_published\":%llu,"
-                  "\"messages_dropped\":%llu,\"own_messages_dropped\":%llu,\"subscriptions\":%lld,"
-                  "\"channels\":%zu,\"patterns\":%zu",
-               (unsigned long long)R.sub.reconnects, (unsigned long long)R.received,
-               (unsigned long long)R.published, (unsigned long long)R.dropped,
-               (unsigned long long)R.own_dropped, R.subscriptions, on ? R.cfg->nchannels : 0,
-               on ? R.cfg->npatterns : 0);
     buf_append_str(b, ",\"last_error\":");
     if (R.sub.error[0])
         json_str(b, R.sub.error);
     else
         buf_append_str(b, "null");
-    int mirror = on && R.cfg->mirror;
-    buf_printf(b, ",\"mirror\":{\"enabled\":%s", mirror ? "true" : "false");
-    if (mirror)
-        buf_printf(b, ",\"node_id\":\"%s\",\"state\":\"%s\",\"reconnects\":%llu", R.node_id,
-                   state_name(&R.pub), (unsigned long long)R.pub.reconnects);
-    buf_printf(b, ",\"published\":%llu,\"dropped\":%llu", (unsigned long long)R.mirror_published,
-               (unsigned long long)R.mirror_dropped);
-    size_t remote = 0;
-    for (size_t i = 0; i < R.replicas.size; i++)
-        for (struct sentry *e = R.replicas.b[i]; e; e = e->next)
-            remote += ((struct replica *)e->value)->members.count;
-    struct chan_rstats h;
-    chan_rstats_get(&h);
-    buf_printf(b, ",\"history\":{\"channels\":%llu,\"publishes\":%llu,\"publish_errors\":%llu,"
-                  "\"in_flight\":%u,\"joins\":%llu,\"join_errors\":%llu,\"joining\":%llu,"
-                  "\"joins_waiting\":%zu,\"fetches\":%llu,\"marks\":%llu,\"gaps_filled\":%llu,"
-                  "\"missed\":%llu,\"duplicates\":%llu,\"held\":%llu,\"epoch_changes\":%llu,"
-                  "\"unnumbered_dropped\":%llu,\"script_errors\":%llu,\"noscript\":%llu}",
-               (unsigned long long)h.channels, (unsigned long long)h.publishes,
-               (unsigned long long)h.publish_errors, R.cmds_sent, (unsigned long long)h.joins,
-               (unsigned long long)h.join_errors, (unsigned long long)h.joining, R.nfwait,
-               (unsigned long long)h.fetches, (unsigned long long)R.marks_seen,
-               (unsigned long long)h.gaps, (unsigned long long)h.missed,
-               (unsigned long long)h.duplicates, (unsigned long long)h.held,
-               (unsigned long long)h.epoch_changes, (unsigned long long)h.unnumbered_dropped,
-               (unsigned long long)R.script_errors, (unsigned long long)R.noscript);
-    buf_printf(b, ",\"patterns\":%zu,\"duplicates_dropped\":%llu,\"filtered\":%llu,"
-                  "\"presence\":{\"ttl\":%g,\"channels\":%zu,\"remote_members\":%zu,"
-                  "\"announcements\":%llu,\"fetches\":%llu,\"resyncs\":%llu}}}",
-               R.nglobs, (unsigned long long)R.duplicates_dropped, (unsigned long long)R.filtered,
-               mirror ? R.cfg->presence_ttl : 0, R.replicas.count, remote,
-               (unsigned long long)R.presence_events, (unsigned long long)R.fetches,
-               (unsigned long long)R.resyncs);
-}
-
-static void prom_line(struct buf *b, const char *name, const char *type, const char *help,
-                      double value)
-{
-    buf_printf(b, "# HELP herald_%s %s\n# TYPE herald_%s %s\nherald_%s %.0f\n", name, help, name,
-               type, name, value);
+    buf_append_str(b, ",\"mirror\":{");
+    stats_figures_json(b, x.f[FIG_MIRROR], x.n[FIG_MIRROR]);
+    if (R.cfg && R.cfg->mirror)
+        buf_printf(b, ",\"node_id\":\"%s\",\"state\":\"%s\"", R.node_id, state_name(&R.pub));
+    buf_append_str(b, ",\"history\":{");
+    stats_figures_json(b, x.f[FIG_HISTORY], x.n[FIG_HISTORY]);
+    buf_append_str(b, "},\"presence\":{");
+    stats_figures_json(b, x.f[FIG_PRESENCE], x.n[FIG_PRESENCE]);
+    buf_append_str(b, "}}}");
 }
 
 static void stats_prom(struct buf *b, void *arg)
 {
-    int on = R.cfg != NULL;
-    prom_line(b, "redis_configured", "gauge", "1 when a Redis source is configured", on);
-    prom_line(b, "redis_connected", "gauge", "1 when the Redis source is connected", connected());
-    prom_line(b, "redis_reconnects_total", "counter", "Reconnections to Redis after a lost connection",
-              (double)R.sub.reconnects);
-    prom_line(b, "redis_messages_received_total", "counter", "Messages received from Redis",
-              (double)R.received);
-    prom_line(b, "redis_messages_published_total", "counter",
-              "Messages from Redis published to local channels", (double)R.published);
-    prom_line(b, "redis_messages_dropped_total", "counter",
-              "Messages from Redis dropped (invalid channel name, over max_message)",
-              (double)R.dropped);
-    prom_line(b, "redis_own_messages_dropped_total", "counter",
-              "This node's mirrored messages coming back from Redis, dropped", (double)R.own_dropped);
-    prom_line(b, "redis_subscriptions", "gauge", "Redis channels and patterns subscribed",
-              (double)R.subscriptions);
-    prom_line(b, "redis_mirror_enabled", "gauge", "1 when mirror mode is on", on && R.cfg->mirror);
-    prom_line(b, "redis_mirror_connected", "gauge", "1 when the mirror publisher is connected",
-              on && R.cfg->mirror && R.pub.ready);
-    prom_line(b, "redis_mirror_reconnects_total", "counter",
-              "Reconnections of the mirror publisher after a lost connection",
-              (double)R.pub.reconnects);
-    prom_line(b, "redis_mirror_published_total", "counter", "Messages mirrored to Redis",
-              (double)R.mirror_published);
-    prom_line(b, "redis_mirror_dropped_total", "counter",
-              "Messages not mirrored (publisher down or too far behind)", (double)R.mirror_dropped);
-    prom_line(b, "redis_mirror_patterns", "gauge", "Redis globs subscribed for local pattern subscribers",
-              (double)R.nglobs);
-    prom_line(b, "redis_mirror_duplicates_dropped_total", "counter",
-              "Copies of a message from Redis dropped because another subscription brought it",
-              (double)R.duplicates_dropped);
-    prom_line(b, "redis_mirror_filtered_total", "counter",
-              "Messages through a pattern's glob that no local pattern wanted", (double)R.filtered);
-    prom_line(b, "redis_mirror_presence_announcements_total", "counter",
-              "Presence joins and leaves heard from other nodes", (double)R.presence_events);
-    struct chan_rstats h;
-    chan_rstats_get(&h);
-    prom_line(b, "redis_history_channels", "gauge", "Channels whose history Redis keeps",
-              (double)h.channels);
-    prom_line(b, "redis_history_publishes_total", "counter",
-              "Messages handed to Redis to be numbered and kept", (double)h.publishes);
-    prom_line(b, "redis_history_publish_errors_total", "counter",
-              "Publishes refused or failed because Redis could not number them", (double)h.publish_errors);
-    prom_line(b, "redis_history_in_flight", "gauge", "History scripts sent to Redis and not answered",
-              (double)R.cmds_sent);
-    prom_line(b, "redis_history_joins_total", "counter",
-              "Subscriptions that joined a channel through Redis (with or without a resume)",
-              (double)h.joins);
-    prom_line(b, "redis_history_join_errors_total", "counter",
-              "Subscriptions refused because Redis could not be reached", (double)h.join_errors);
-    prom_line(b, "redis_history_joining", "gauge", "Subscriptions waiting for their join point",
-              (double)h.joining);
-    prom_line(b, "redis_history_fetches_total", "counter", "Join and gap fetches sent to Redis",
-              (double)h.fetches);
-    prom_line(b, "redis_history_gaps_filled_total", "counter",
-              "Gaps in a channel's live stream filled from its history", (double)h.gaps);
-    prom_line(b, "redis_history_missed_total", "counter",
-              "Seqs that could not be filled (no longer in the history)", (double)h.missed);
-    prom_line(b, "redis_history_duplicates_total", "counter", "Numbered messages seen twice, dropped",
-              (double)h.duplicates);
-    prom_line(b, "redis_history_held", "gauge",
-              "Live messages held while a gap is filled or a join is answered", (double)h.held);
-    prom_line(b, "redis_history_epoch_changes_total", "counter",
-              "Channels whose history started again under a new epoch", (double)h.epoch_changes);
-    prom_line(b, "redis_history_unnumbered_dropped_total", "counter",
-              "Messages published to Redis without a number on such a channel, dropped",
-              (double)h.unnumbered_dropped);
+    struct figures x;
+    collect(&x);
+    for (int g = 0; g < FIG_GROUPS; g++)
+        stats_figures_prom(b, fig_prefix[g], x.f[g], x.n[g]);
 }
 
 /* --- entry points ------------------------------------------------------------------------------- */
@@ -2451,13 +2462,8 @@ static void stop_all(void)
     link_stop(&R.sub);
     link_stop(&R.pub);
     hist_stop();
-    smap_clear(&R.confirmed, NULL);
-    smap_clear(&R.leaving, NULL);
+    mirror_sub_down(); /* requests waiting for other nodes' members are answered with this node's */
     globs_clear();
-    /* Requests waiting for other nodes' members are answered with this node's. */
-    for (size_t i = 0; i < R.replicas.size; i++)
-        for (struct sentry *e = R.replicas.b[i]; e; e = e->next)
-            chan_presence_ready(e->key, e->klen);
     smap_clear(&R.replicas, free_replica_value);
     free_config(R.cfg);
     R.cfg = NULL;
@@ -2573,12 +2579,12 @@ void redis_src_configure(struct ev_loop *loop, const struct config *cfg)
 
 void redis_src_stop(void)
 {
-    if (R.cfg && R.cfg->mirror && R.pub.ready) {
+    if (R.cfg && R.cfg->mirror && pub_usable()) {
         /* Leaving for good: this node's members leave now, announced to the other nodes, rather
          * than when its key expires. The connection closes once Redis has answered. */
-        const char *args[1] = {R.node_id};
-        size_t lens[1] = {NODE_ID_LEN};
-        eval(LUA_GONE, sizeof(LUA_GONE) - 1, NULL, 1, args, lens);
+        const char *argv[] = {NULL, NULL, NULL, R.node_id};
+        size_t lens[] = {0, 0, 0, NODE_ID_LEN};
+        eval(LUA_GONE, sizeof(LUA_GONE) - 1, NULL, NARGS(argv), argv, lens);
         redisAsyncContext *ac = R.pub.ac;
         R.pub.ac = NULL;
         R.pub.ready = 0;

@@ -193,15 +193,11 @@ static int raw_resume_parse(const char *query, size_t query_len, struct raw_resu
     char text[32];
     rr->since = -1;
     rr->epoch_len = -1;
-    ssize_t n = query ? http_query_get(query, query_len, "since", text, sizeof(text) - 1) : -1;
+    ssize_t n = query ? http_query_get(query, query_len, "since", text, sizeof(text)) : -1;
     if (n < 0)
         return n == -2 ? -1 : 0;
-    text[n] = 0;
-    char *end;
-    unsigned long long v = strtoull(text, &end, 10);
-    if (!n || *end || text[0] == '-' || v > INT64_MAX)
+    if ((rr->since = pubsub_seq_parse(text, (size_t)n)) < 0)
         return -1;
-    rr->since = (int64_t)v;
     rr->epoch_len = http_query_get(query, query_len, "epoch", rr->epoch, sizeof(rr->epoch));
     return 0;
 }
@@ -976,8 +972,12 @@ int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *l
     }
     if (r->kind == ROUTE_SCRIPT)
         return script_deliver(r, m, p, len, opcode);
-    /* Raw routes get the bytes as published; a JSON string published on the generic route arrives
-     * as the string's contents. */
+    route_plain_payload(m, p, len, opcode);
+    return 0;
+}
+
+void route_plain_payload(struct chan_msg *m, const char **p, size_t *len, int *opcode)
+{
     if (m->is_json && m->len && m->data[0] == '"') {
         if (!m->decoded) {
             m->decoded = xmalloc(m->len);
@@ -986,11 +986,13 @@ int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *l
         }
         *p = m->decoded;
         *len = m->decoded_len;
-        *opcode = ws_utf8_valid((const uint8_t *)m->decoded, m->decoded_len) ? WS_OP_TEXT : WS_OP_BINARY;
-        return 0;
+        if (opcode) /* decoded text's validity is not kept in m: it is checked for each route */
+            *opcode = ws_utf8_valid((const uint8_t *)m->decoded, m->decoded_len) ? WS_OP_TEXT
+                                                                                 : WS_OP_BINARY;
+        return;
     }
     *p = m->data;
     *len = m->len;
-    *opcode = msg_utf8(m) ? WS_OP_TEXT : WS_OP_BINARY;
-    return 0;
+    if (opcode)
+        *opcode = msg_utf8(m) ? WS_OP_TEXT : WS_OP_BINARY;
 }

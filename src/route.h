@@ -109,6 +109,11 @@ void route_message(struct conn *c, const uint8_t *data, size_t len, int binary);
  * gone) and the frame's opcode. Called once per message per route with subscribers. Returns 0, or
  * -1 when the route drops the message. */
 int route_payload(struct route *r, struct chan_msg *m, const char **p, size_t *len, int *opcode);
+/* The payload as a raw route passes it on, into *p and *len (valid while m is): a JSON string
+ * published on the generic route is its contents (decoded once per message, kept in m), anything
+ * else the bytes as published. With opcode not NULL, *opcode gets the frame type: text when the
+ * payload is valid UTF-8, else binary. */
+void route_plain_payload(struct chan_msg *m, const char **p, size_t *len, int *opcode);
 
 /* Send a text frame to c, after anything published to it before (see chan_settle_for). */
 void route_send_text(struct conn *c, const char *text, size_t len);

@@ -48,12 +48,15 @@ int luaopen_cjson(lua_State *L);
 #define CLIENT_MT "herald.client"
 #define TIMER_MT "herald.timer"
 
+/* What a call into Lua runs: a hook of the script's table, a timer's function, herald.publish's
+ * done function told the seq Redis gave, or the script itself (load). */
 enum hook {
-    HOOK_OPEN, HOOK_MESSAGE, HOOK_DELIVER, HOOK_CLOSE, HOOK_AUTHORIZE, HOOK_TIMER, HOOK_LOAD, HOOK_KINDS
+    HOOK_OPEN, HOOK_MESSAGE, HOOK_DELIVER, HOOK_CLOSE, HOOK_AUTHORIZE, HOOK_TIMER, HOOK_DONE,
+    HOOK_LOAD, HOOK_KINDS
 };
 #define SCRIPT_HOOKS 5 /* open .. authorize: the functions a script's table may hold */
 static const char *const hook_names[HOOK_KINDS] = {"open", "message", "deliver", "close", "authorize",
-                                                   "timer", "load"};
+                                                   "timer", "done", "load"};
 /* The hooks a built-in route's authorize script may have: the route's kind does the rest. */
 #define ACCESS_HOOKS ((1u << HOOK_OPEN) | (1u << HOOK_CLOSE) | (1u << HOOK_AUTHORIZE))
 
@@ -451,8 +454,22 @@ static void published_now(void *arg, uint64_t seq, size_t subscribers, const cha
     n->err = err;
 }
 
+/* Push a publish's outcome, as herald.publish returns it and its done function gets it: seq and
+ * subscribers, or nil and why it was not published. */
+static void push_outcome(lua_State *L, uint64_t seq, size_t subscribers, const char *err)
+{
+    if (err) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+    } else {
+        lua_pushinteger(L, (lua_Integer)seq);
+        lua_pushinteger(L, (lua_Integer)subscribers);
+    }
+}
+
 static int do_published(lua_State *L)
 {
+    state_of(L)->calls[HOOK_DONE]++;
     lua_call(L, 2, 0); /* fn(seq, subscribers) or fn(nil, err), pushed by published_later */
     return 0;
 }
@@ -477,14 +494,8 @@ static void published_later(void *arg, uint64_t seq, size_t subscribers, const c
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->fn_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, p->fn_ref);
     free(p);
-    if (err) {
-        lua_pushnil(L);
-        lua_pushstring(L, err);
-    } else {
-        lua_pushinteger(L, (lua_Integer)seq);
-        lua_pushinteger(L, (lua_Integer)subscribers);
-    }
-    run(st, L, HOOK_TIMER, do_published, NULL, 3);
+    push_outcome(L, seq, subscribers, err);
+    run(st, L, HOOK_DONE, do_published, NULL, 3);
 }
 
 /* herald.publish(channel, data [, done]) -> seq, subscribers; or nil, "pending" when Redis numbers
@@ -537,22 +548,10 @@ static int l_publish(lua_State *L)
     }
     if (has_fn) {
         lua_pushvalue(L, 3);
-        if (now.err) {
-            lua_pushnil(L);
-            lua_pushstring(L, now.err);
-        } else {
-            lua_pushinteger(L, (lua_Integer)now.seq);
-            lua_pushinteger(L, (lua_Integer)now.subscribers);
-        }
+        push_outcome(L, now.seq, now.subscribers, now.err);
         lua_call(L, 2, 0);
     }
-    if (now.err) {
-        lua_pushnil(L);
-        lua_pushstring(L, now.err);
-        return 2;
-    }
-    lua_pushinteger(L, (lua_Integer)now.seq);
-    lua_pushinteger(L, (lua_Integer)now.subscribers);
+    push_outcome(L, now.seq, now.subscribers, now.err);
     return 2;
 }
 
@@ -706,20 +705,29 @@ static int l_no_sethook(lua_State *L)
     return luaL_error(L, "debug.sethook is not available to herald scripts");
 }
 
-/* Lua runs finalizers with hooks off, so the instruction bound could not stop a __gc that loops:
- * setmetatable refuses a metatable with one, and debug.setmetatable is not there. */
+/* setmetatable, refusing a metatable with a __gc field (upvalues: the real one, and where
+ * finalizers are not available, for the message). */
 static int l_setmetatable(lua_State *L)
 {
     if (lua_type(L, 2) == LUA_TTABLE) {
         lua_pushliteral(L, "__gc");
         if (lua_rawget(L, 2) != LUA_TNIL)
-            return luaL_error(L, "__gc metamethods are not available to herald scripts");
+            return luaL_error(L, "__gc metamethods are not available %s",
+                              lua_tostring(L, lua_upvalueindex(2)));
         lua_pop(L, 1);
     }
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
     lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
     return lua_gettop(L);
+}
+
+void script_guard_setmetatable(lua_State *L, const char *where)
+{
+    lua_getglobal(L, "setmetatable");
+    lua_pushstring(L, where);
+    lua_pushcclosure(L, l_setmetatable, 2);
+    lua_setglobal(L, "setmetatable");
 }
 
 static int l_no_debug_setmetatable(lua_State *L)
@@ -989,6 +997,36 @@ static void read_sub_opts(lua_State *L, int idx, struct sub_opts *o)
                       "most 1024 bytes of JSON");
 }
 
+/* May cl subscribe to the channel (pattern 0) or pattern (1) name? The route's token grants and
+ * authorize hook say, now, even in open (the hook runs nested, on L's thread). Returns 1, or 0
+ * with nil and why pushed. */
+static int subscribe_allowed(lua_State *L, struct lclient *cl, const char *name, size_t len,
+                             int pattern)
+{
+    struct lstate *st = state_of(L);
+    const char *why;
+    lua_State *prev = st->running;
+    st->running = L;
+    int ok = pattern ? route_allows_pattern(st->route, cl->c, name, len, &why)
+                     : route_allows(st->route, cl->c, AUTH_SUBSCRIBE, name, len, &why);
+    st->running = prev;
+    if (!ok) {
+        lua_pushnil(L);
+        lua_pushstring(L, why       ? why
+                          : pattern ? "not allowed to subscribe to this pattern"
+                                    : "not allowed to subscribe to this channel");
+    }
+    return ok;
+}
+
+/* The connection has max_subscriptions already (counted in subscription_limit_hits). */
+static int limit_reached(lua_State *L)
+{
+    lua_pushnil(L);
+    lua_pushliteral(L, "subscription limit reached for this connection");
+    return 2;
+}
+
 static int subscription(lua_State *L, int subscribe)
 {
     const char *fn = subscribe ? "client:subscribe" : "client:unsubscribe";
@@ -1001,31 +1039,16 @@ static int subscription(lua_State *L, int subscribe)
         read_sub_opts(L, 3, &o);
     if (!cl->c)
         return closed(L);
-    if (subscribe) {
-        /* The route's token grants and authorize hook have their say, now, even in open. */
-        struct lstate *st = state_of(L);
-        const char *why;
-        lua_State *prev = st->running;
-        st->running = L; /* authorize runs nested, on this thread */
-        int ok = route_allows(st->route, cl->c, AUTH_SUBSCRIBE, name, len, &why);
-        st->running = prev;
-        if (!ok) {
-            lua_pushnil(L);
-            lua_pushstring(L, why ? why : "not allowed to subscribe to this channel");
-            return 2;
-        }
-    }
+    if (subscribe && !subscribe_allowed(L, cl, name, len, 0))
+        return 2;
     if (cl->opening) {
         add_pending_opts(cl, subscribe ? PENDING_SUBSCRIBE : PENDING_UNSUBSCRIBE, 0, 0, name, len, &o);
         lua_pushboolean(L, 1);
         return 1;
     }
     int rc = subscribe ? chan_subscribe(cl->c, name, len) : chan_unsubscribe(cl->c, name, len);
-    if (rc < 0) { /* counted in subscription_limit_hits */
-        lua_pushnil(L);
-        lua_pushliteral(L, "subscription limit reached for this connection");
-        return 2;
-    }
+    if (rc < 0)
+        return limit_reached(L);
     if (o.member >= 0 || o.events >= 0)
         chan_presence_set(cl->c, name, len, o.member, o.events, o.info, o.info_len);
     lua_pushboolean(L, rc);
@@ -1053,29 +1076,16 @@ static int pattern_subscription(lua_State *L, int subscribe)
     }
     if (!cl->c)
         return closed(L);
-    if (subscribe) {
-        struct lstate *st = state_of(L);
-        lua_State *prev = st->running;
-        st->running = L; /* authorize runs nested, on this thread */
-        int ok = route_allows_pattern(st->route, cl->c, pattern, len, &why);
-        st->running = prev;
-        if (!ok) {
-            lua_pushnil(L);
-            lua_pushstring(L, why ? why : "not allowed to subscribe to this pattern");
-            return 2;
-        }
-    }
+    if (subscribe && !subscribe_allowed(L, cl, pattern, len, 1))
+        return 2;
     if (cl->opening) {
         add_pending(cl, subscribe ? PENDING_PSUBSCRIBE : PENDING_PUNSUBSCRIBE, 0, 0, pattern, len);
         lua_pushboolean(L, 1);
         return 1;
     }
     int rc = subscribe ? chan_psubscribe(cl->c, pattern, len) : chan_punsubscribe(cl->c, pattern, len);
-    if (rc < 0) { /* counted in subscription_limit_hits */
-        lua_pushnil(L);
-        lua_pushliteral(L, "subscription limit reached for this connection");
-        return 2;
-    }
+    if (rc < 0)
+        return limit_reached(L);
     lua_pushboolean(L, rc);
     return 1;
 }
@@ -1181,7 +1191,7 @@ static int client_gc(lua_State *L)
     return 0;
 }
 
-/* Push a new client object for c. */
+/* Push a new client object for c (not c's yet). */
 static struct lclient *new_client(lua_State *L, struct conn *c)
 {
     struct lclient *cl = lua_newuserdatauv(L, sizeof(*cl), 1);
@@ -1231,9 +1241,9 @@ static int setup(lua_State *L)
     lua_pushcfunction(L, l_no_debug_setmetatable);
     lua_setfield(L, -2, "setmetatable");
     lua_pop(L, 1);
-    lua_getglobal(L, "setmetatable");
-    lua_pushcclosure(L, l_setmetatable, 1);
-    lua_setglobal(L, "setmetatable");
+    /* Lua runs finalizers with hooks off, so the instruction bound could not stop a __gc that
+     * loops: setmetatable refuses a metatable with one, and debug.setmetatable is not there. */
+    script_guard_setmetatable(L, "to herald scripts");
     lua_pushcfunction(L, l_print);
     lua_setglobal(L, "print");
 
@@ -1561,17 +1571,33 @@ struct open_ctx {
     int refused;
 };
 
+/* Push a new client object for c and make it c's (c->script_ref). */
+static struct lclient *attach_client(lua_State *L, struct conn *c, int builtin)
+{
+    struct lclient *cl = new_client(L, c);
+    cl->builtin = builtin;
+    lua_pushvalue(L, -1);
+    c->script_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return cl;
+}
+
+/* List the client object cl at the top of the stack among st's open clients (herald.clients). */
+static void list_client(lua_State *L, struct lstate *st, struct lclient *cl)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
+    lua_pushvalue(L, -2);
+    lua_rawseti(L, -2, (lua_Integer)cl->id);
+    lua_pop(L, 1);
+}
+
 static int do_open(lua_State *L)
 {
     struct open_ctx *x = lua_touserdata(L, 1);
     struct lstate *st = x->st;
-    x->cl = new_client(L, x->c);
-    x->cl->builtin = st->route->kind != ROUTE_SCRIPT;
-    int client = lua_gettop(L);
     /* The connection knows its client from now on, so authorize finds it during open. */
-    lua_pushvalue(L, client);
-    x->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    x->c->script_ref = x->ref;
+    x->cl = attach_client(L, x->c, st->route->kind != ROUTE_SCRIPT);
+    x->ref = x->c->script_ref;
+    int client = lua_gettop(L);
     if (st->fn[HOOK_OPEN] != LUA_NOREF) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, st->fn[HOOK_OPEN]);
         lua_pushvalue(L, client);
@@ -1592,9 +1618,7 @@ static int do_open(lua_State *L)
         }
         lua_settop(L, client);
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
-    lua_pushvalue(L, client);
-    lua_rawseti(L, -2, (lua_Integer)x->cl->id);
+    list_client(L, st, x->cl);
     return 0;
 }
 
@@ -1618,7 +1642,7 @@ int script_accept(struct route *r, struct conn *c, const struct http_request *re
     /* A built-in route's clients get their objects when they are first needed. */
     if (r->kind != ROUTE_SCRIPT && st->fn[HOOK_OPEN] == LUA_NOREF)
         return 0;
-    script_refused(c, r); /* a client object left from an earlier request on this connection */
+    /* c has no client object: a refused handshake or event stream drops the one it got. */
     struct open_ctx x = {.st = st, .c = c, .req = req, .path = path, .path_len = path_len,
                          .ref = LUA_NOREF};
     int rc = run(st, st->L, HOOK_OPEN, do_open, &x, 0);
@@ -1635,21 +1659,29 @@ int script_accept(struct route *r, struct conn *c, const struct http_request *re
     return 0;
 }
 
+/* Take c's client object (of st) from it, once: the object stays, inert, on the stack of the
+ * thread returned. NULL, with nothing pushed, when c has none (or st is gone). */
+static lua_State *detach_client(struct lstate *st, struct conn *c)
+{
+    int ref = c->script_ref;
+    c->script_ref = LUA_NOREF;
+    if (ref == LUA_NOREF || !st)
+        return NULL;
+    lua_State *L = current(st);
+    reserve_stack(st, L, 4);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    struct lclient *cl = lua_touserdata(L, -1);
+    drop_client(cl);
+    forget_client(st, L, cl->id, ref);
+    st->clients--;
+    return L;
+}
+
 void script_refused(struct conn *c, struct route *r)
 {
-    struct lstate *st = r->script_state;
-    if (c->script_ref == LUA_NOREF || !st) {
-        c->script_ref = LUA_NOREF;
-        return;
-    }
-    lua_State *L = current(st);
-    reserve_stack(st, L, 2);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, c->script_ref);
-    drop_client(lua_touserdata(L, -1));
-    lua_pop(L, 1);
-    forget_client(st, L, c->id, c->script_ref);
-    c->script_ref = LUA_NOREF;
-    st->clients--;
+    lua_State *L = detach_client(r->script_state, c);
+    if (L)
+        lua_pop(L, 1);
 }
 
 struct authorize_ctx {
@@ -1665,17 +1697,10 @@ static int do_authorize(lua_State *L)
 {
     struct authorize_ctx *x = lua_touserdata(L, 1);
     struct lstate *st = state_of(L);
-    if (x->c->script_ref == LUA_NOREF) {
-        /* A built-in route's client met for the first time. */
-        struct lclient *cl = new_client(L, x->c);
-        cl->builtin = 1;
-        lua_rawgeti(L, LUA_REGISTRYINDEX, st->clients_ref);
-        lua_pushvalue(L, -2);
-        lua_rawseti(L, -2, (lua_Integer)cl->id);
-        lua_pop(L, 1);
-        lua_pushvalue(L, -1);
-        x->c->script_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        st->clients++;
+    if (x->c->script_ref == LUA_NOREF) { /* a built-in route's client met for the first time */
+        struct lclient *cl = attach_client(L, x->c, 1);
+        st->clients++; /* counted with its reference: script_closed uncounts it */
+        list_client(L, st, cl);
     } else {
         lua_rawgeti(L, LUA_REGISTRYINDEX, x->c->script_ref);
     }
@@ -1809,24 +1834,6 @@ void script_message(struct conn *c, const uint8_t *data, size_t len, int binary)
     run(st, L, HOOK_MESSAGE, do_message, &x, 1);
 }
 
-/* The payload as a raw route passes it on: a JSON string published on the generic route is its
- * contents, anything else the bytes as published. */
-static void plain_payload(struct chan_msg *m, const char **p, size_t *len)
-{
-    if (m->is_json && m->len && m->data[0] == '"') {
-        if (!m->decoded) {
-            m->decoded = xmalloc(m->len);
-            ssize_t n = json_string_decode(m->data, m->len, m->decoded);
-            m->decoded_len = n < 0 ? 0 : (size_t)n;
-        }
-        *p = m->decoded;
-        *len = m->decoded_len;
-        return;
-    }
-    *p = m->data;
-    *len = m->len;
-}
-
 struct deliver_ctx {
     struct chan_msg *m;
     const char *data;
@@ -1866,22 +1873,12 @@ static int do_deliver(lua_State *L)
 int script_deliver(struct route *r, struct chan_msg *m, const char **p, size_t *len, int *opcode)
 {
     struct lstate *st = r->script_state;
-    const char *data;
-    size_t dlen;
-    plain_payload(m, &data, &dlen);
-    if (!st || st->fn[HOOK_DELIVER] == LUA_NOREF) {
-        *p = data;
-        *len = dlen;
-        if (data == m->data) {
-            if (m->utf8 < 0)
-                m->utf8 = (int8_t)ws_utf8_valid((const uint8_t *)m->data, m->len);
-            *opcode = m->utf8 ? WS_OP_TEXT : WS_OP_BINARY;
-        } else {
-            *opcode = ws_utf8_valid((const uint8_t *)data, dlen) ? WS_OP_TEXT : WS_OP_BINARY;
-        }
+    if (!st || st->fn[HOOK_DELIVER] == LUA_NOREF) { /* passed on as a raw route would */
+        route_plain_payload(m, p, len, opcode);
         return 0;
     }
-    struct deliver_ctx x = {.m = m, .data = data, .len = dlen};
+    struct deliver_ctx x = {.m = m};
+    route_plain_payload(m, &x.data, &x.len, NULL); /* what deliver is given */
     int prev = st->in_deliver;
     st->in_deliver = 1;
     int rc = run(st, current(st), HOOK_DELIVER, do_deliver, &x, 0);
@@ -1916,20 +1913,10 @@ static int do_close(lua_State *L)
 
 void script_closed(struct conn *c, uint16_t code, const char *reason)
 {
-    if (c->script_ref == LUA_NOREF)
-        return;
     struct lstate *st = c->route ? c->route->script_state : NULL;
-    int ref = c->script_ref;
-    c->script_ref = LUA_NOREF; /* once */
-    if (!st)
+    lua_State *L = detach_client(st, c);
+    if (!L)
         return;
-    lua_State *L = current(st);
-    reserve_stack(st, L, 4);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    struct lclient *cl = lua_touserdata(L, -1);
-    drop_client(cl);
-    forget_client(st, L, cl->id, ref);
-    st->clients--;
     if (st->fn[HOOK_CLOSE] == LUA_NOREF) {
         lua_pop(L, 1);
         return;

@@ -16,6 +16,7 @@ struct conn;
 struct chan_msg;
 struct http_request;
 struct buf;
+struct lua_State;
 
 /* Set up scripting on loop. Called once before any route is loaded. */
 void script_init(struct ev_loop *loop);
@@ -61,6 +62,11 @@ int script_authorize(struct route *r, struct conn *c, int action, const char *ch
 /* A handshake (or event stream) on r was refused after c got a client object: drop the object
  * without a close hook. Does nothing when c has none. */
 void script_refused(struct conn *c, struct route *r);
+
+/* Replace the global setmetatable of L (a script's state, or the configuration's) with one that
+ * refuses a metatable with a __gc field: Lua runs finalizers with hooks off, where the instruction
+ * bound cannot stop one that loops. Its error says they "are not available <where>". */
+void script_guard_setmetatable(struct lua_State *L, const char *where);
 
 /* Script figures for /stats: hook calls, errors, runaway scripts, refusals, memory per route. */
 void script_stats_json(struct buf *out);

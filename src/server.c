@@ -10,6 +10,7 @@
 #include "http.h"
 #include "json.h"
 #include "log.h"
+#include "pubsub.h"
 #include "route.h"
 #include "script.h"
 #include "source.h"
@@ -48,12 +49,15 @@ struct http_req_state {
  * history Redis keeps (the reply carries the seq), or a WebSocket handshake or an event stream
  * that subscribes to such channels (a subscription starts where Redis says the channel is: the
  * response goes once Redis has said so for each). The connection reads nothing meanwhile, so
- * pipelined requests keep their order. */
+ * pipelined requests keep their order; but a peer that hangs up is noticed (hangup), and the wait
+ * lasts http_timeout at most (see wait_expired). */
 enum wait_kind { WAIT_PUBLISH, WAIT_HANDSHAKE, WAIT_STREAM };
 struct waiting {
     enum wait_kind kind;
     struct conn *conn;
     struct http_req_state *rs;  /* what the response and the access log need of the request */
+    struct chan_pub *pub;       /* PUBLISH: the publish Redis is to number */
+    ev_io hangup;               /* the socket, watched for the peer's EOF while reading is off */
     struct buf head;            /* HANDSHAKE: the 101 up to its final blank line; STREAM: all */
     struct buf extra;           /* header lines the answers add (a raw route's X-Herald-*) */
     uint32_t joins;             /* answers still to come */
@@ -80,6 +84,7 @@ static void (*shutdown_done)(void);
 static struct buf out; /* response scratch */
 
 static void on_readable(struct conn *c);
+static void on_detach(struct conn *c, uint16_t code, const char *reason);
 static void ip_release(struct conn *c);
 static void wait_finish(struct conn *c);
 
@@ -330,6 +335,7 @@ struct publish_now {
 
 static void waiting_free(struct waiting *w)
 {
+    ev_io_stop(loop, &w->hangup);
     rs_free(w->rs);
     buf_free(&w->head);
     buf_free(&w->extra);
@@ -338,6 +344,37 @@ static void waiting_free(struct waiting *w)
     buf_free(&w->list);
     free(w->ready);
     free(w);
+}
+
+/* The socket of a connection whose answer waits is readable: at EOF or on an error the peer is
+ * gone, and the connection is closed now (which cancels what it waited for and frees w: libev lets
+ * a stopped watcher go in its own callback). Input is left where it is, for after the answer, and
+ * no longer watched: the wait is bounded anyway. */
+static void on_wait_readable(struct ev_loop *l, ev_io *io, int revents)
+{
+    struct waiting *w = io->data;
+    char byte;
+    ssize_t n = recv(io->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n > 0) {
+        ev_io_stop(l, io);
+        return;
+    }
+    conn_close_now(w->conn);
+}
+
+/* c's answer waits for Redis (w, which c's waits now own): c reads nothing until it is out, is
+ * closed if the peer hangs up meanwhile, and is given up after http_timeout (on_timeout). */
+static void wait_begin(struct conn *c, struct waiting *w)
+{
+    w->conn = c;
+    conn_waits(c)->waiting = w;
+    conn_set_awaiting(c, 1);
+    conn_set_timeout_class(c, CONN_TO_HTTP);
+    ev_io_init(&w->hangup, on_wait_readable, c->io.fd, EV_READ);
+    w->hangup.data = w;
+    ev_io_start(loop, &w->hangup);
 }
 
 /* A publish's outcome, at once (arg: struct publish_now) or from Redis (arg: struct waiting). */
@@ -375,13 +412,12 @@ static void finish_publish(struct conn *c, const struct reply_ctx *rc, struct ht
     if (chan_publish_cb(&m, c, published_now, &now, &pending) == 0) {
         struct waiting *w = xcalloc(1, sizeof(*w));
         w->kind = WAIT_PUBLISH;
-        w->conn = c;
         w->rs = rs;
+        w->pub = pending;
         buf_free(&rs->body); /* Redis has it */
-        conn_waits(c)->waiting = w;
         chan_pub_rebind(pending, published_later, w);
         *kept = 1;
-        conn_set_awaiting(c, 1);
+        wait_begin(c, w);
     }
 }
 
@@ -480,6 +516,43 @@ static int publish_allowed(const struct http_request *req, const char *channel, 
     return 0;
 }
 
+/* May this request open route r (a WebSocket handshake, an event stream)? Its Origin must be one
+ * of the route's, when the route lists some; a signed token it carries must be valid (its grants
+ * are kept in c->grants), and one is needed where the route requires it. Returns 0, or the status
+ * to refuse it with and *why. */
+static int open_refused(struct conn *c, const struct http_request *req, const struct route *r,
+                        const char **why)
+{
+    size_t len;
+    const char *origin = http_header_get(req, "origin", &len);
+    if (origin && r->norigins) {
+        size_t i = 0;
+        while (i < r->norigins && !(strlen(r->origins[i]) == len &&
+                                    strncasecmp(r->origins[i], origin, len) == 0))
+            i++;
+        if (i == r->norigins) {
+            stats.auth_refused++;
+            *why = "this origin may not open this route";
+            return 403;
+        }
+    }
+    char buf[1024];
+    const char *token = cfg->jwt_secret ? request_token(req, buf, sizeof(buf), &len) : NULL;
+    if (token) {
+        auth_free(c->grants); /* from an earlier request on this connection that was refused */
+        c->grants = auth_verify(token, len, cfg->jwt_secret, ev_now(loop), why);
+        if (!c->grants) {
+            stats.auth_refused++;
+            return 401;
+        }
+    } else if (r->require_token) {
+        stats.auth_refused++;
+        *why = "a signed token is required (?token= or Authorization: Bearer)";
+        return 401;
+    }
+    return 0;
+}
+
 static void handle_publish(struct conn *c, const struct reply_ctx *rc, const struct http_request *req,
                            const char *channel, size_t channel_len)
 {
@@ -511,19 +584,12 @@ static void handle_publish(struct conn *c, const struct reply_ctx *rc, const str
     const char *expect = http_header_get(req, "expect", &expect_len);
     if (expect && expect_len == 12 && strncasecmp(expect, "100-continue", 12) == 0)
         conn_queue_copy(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
-    struct http_req_state *rs = xcalloc(1, sizeof(*rs));
+    struct http_req_state *rs = rs_for_log(req);
     rs->is_chunked = req->chunked;
     rs->body_left = req->chunked ? 0 : (uint64_t)req->content_length;
     rs->keep_alive = rc->keep_alive;
-    rs->minor_version = req->minor_version;
     memcpy(rs->channel, channel, channel_len);
     rs->channel_len = channel_len;
-    rs->log_target = xstrndup(req->target, req->target_len);
-    size_t n;
-    const char *h = http_header_get(req, "referer", &n);
-    rs->log_referer = h ? xstrndup(h, n) : NULL;
-    h = http_header_get(req, "user-agent", &n);
-    rs->log_agent = h ? xstrndup(h, n) : NULL;
     if (!req->chunked)
         buf_reserve(&rs->body, rs->body_left ? (size_t)rs->body_left : 1);
     else
@@ -573,39 +639,14 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         respond_text(c, rc, 400, "a WebSocket handshake has no body", NULL);
         return;
     }
-    size_t origin_len;
-    const char *origin = http_header_get(req, "origin", &origin_len);
-    if (origin && r->norigins) {
-        size_t i = 0;
-        while (i < r->norigins && !(strlen(r->origins[i]) == origin_len &&
-                                    strncasecmp(r->origins[i], origin, origin_len) == 0))
-            i++;
-        if (i == r->norigins) {
-            stats.auth_refused++;
-            respond_text(c, rc, 403, "this origin may not open this route", NULL);
-            return;
-        }
-    }
-    char token_buf[1024];
-    size_t token_len;
-    const char *token = cfg->jwt_secret ? request_token(req, token_buf, sizeof(token_buf), &token_len) : NULL;
-    if (token) {
-        const char *why = NULL;
-        auth_free(c->grants); /* from an earlier handshake on this connection that was refused */
-        c->grants = auth_verify(token, token_len, cfg->jwt_secret, ev_now(loop), &why);
-        if (!c->grants) {
-            stats.auth_refused++;
-            respond_text(c, rc, 401, why, NULL);
-            return;
-        }
-    } else if (r->require_token) {
-        stats.auth_refused++;
-        respond_text(c, rc, 401, "a signed token is required (?token= or Authorization: Bearer)", NULL);
+    const char *why = NULL;
+    int status = open_refused(c, req, r, &why);
+    if (status) {
+        respond_text(c, rc, status, why, NULL);
         return;
     }
-    const char *why = NULL;
     struct buf headers = {0};
-    int status = route_accept(r, c, req, path, path_len, &headers, &why);
+    status = route_accept(r, c, req, path, path_len, &headers, &why);
     if (status) {
         buf_free(&headers);
         respond_text(c, rc, status, why ? why : "refused", NULL);
@@ -635,7 +676,6 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
          * meanwhile. route_open joins them now, and subscribes the rest once the 101 is out. */
         w = xcalloc(1, sizeof(*w));
         w->kind = WAIT_HANDSHAKE;
-        w->conn = c;
         w->rs = rs_for_log(req);
         buf_append(&w->head, out.data, out.len - 2);
         buf_append(&w->path, path, path_len);
@@ -643,8 +683,7 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
             w->has_query = 1;
             buf_append(&w->query, req->query, req->query_len);
         }
-        conn_waits(c)->waiting = w;
-        conn_set_awaiting(c, 1);
+        wait_begin(c, w);
     } else {
         conn_queue_copy(c, out.data, out.len);
         access_log(c, req, 101, 0);
@@ -657,7 +696,8 @@ static void handshake(struct conn *c, const struct reply_ctx *rc, const struct h
         c->wp.deflate = 1;
         pmd_stats.websockets++;
     }
-    conn_set_timeout_class(c, CONN_TO_WS);
+    if (!w)
+        conn_set_timeout_class(c, CONN_TO_WS); /* else once the 101 is out */
     stats.websockets++;
     c->is_ws = 1;
     route_open(r, c, path, path_len, req->query, req->query_len);
@@ -693,6 +733,7 @@ static void wait_finish(struct conn *c)
         access_log(c, &req, 200, 0);
     }
     conn_set_awaiting(c, 0);
+    conn_set_timeout_class(c, CONN_TO_WS);
     for (size_t i = 0; i < w->nready; i++)
         chan_join_emit(w->ready[i]);
     if (w->kind == WAIT_HANDSHAKE)
@@ -724,6 +765,35 @@ static void wait_joined(struct conn *c, struct chan_join *j, const struct chan_j
     }
     w->joins--;
     wait_finish(c);
+}
+
+/* Redis has not answered c's waiting request in http_timeout: a publish is answered as failed
+ * (it may have been published), and a handshake or an event stream is refused with 503 (its
+ * subscriptions go, and the connection closes once the answer is out). */
+static void wait_expired(struct conn *c)
+{
+    struct waiting *w = c->waits->waiting;
+    c->waits->waiting = NULL;
+    struct http_request req;
+    rs_request(w->rs, w->kind == WAIT_PUBLISH ? "POST" : "GET", &req);
+    if (w->kind == WAIT_PUBLISH) {
+        struct reply_ctx rc = {.req = &req, .keep_alive = w->rs->keep_alive};
+        chan_pub_cancel(w->pub);
+        publish_respond(c, &rc, w->rs->channel, w->rs->channel_len, 0, 0,
+                        "Redis did not answer in time (the message may have been published)");
+        conn_touch(c); /* a kept connection is idle from now */
+    } else {
+        struct reply_ctx rc = {.req = &req};
+        respond_text(c, &rc, 503, "Redis, which keeps the history of these channels, did not answer "
+                     "in time", "Retry-After: 5\r\n");
+        on_detach(c, WS_CLOSE_ABNORMAL, "");
+    }
+    waiting_free(w);
+    conn_set_awaiting(c, 0);
+    /* Requests pipelined after a publish are served now: the read event conn_set_awaiting feeds
+     * would be lost when the sweep writes the answer and the watcher's events change. */
+    if (c->pending && c->state == CONN_HTTP)
+        on_readable(c);
 }
 
 void server_join(struct conn *c, const char *name, size_t len, int64_t since, const char *ep,
@@ -775,17 +845,10 @@ static int sse_find_id(const char *ids, size_t ids_len, const char *name, size_t
             }
         if (!c1 || !c2 || c2 == c1 || (size_t)(c2 - c1 - 1) != len || memcmp(c1 + 1, name, len) != 0)
             continue;
-        char seqtext[24];
-        size_t sl = (size_t)(id + idlen - c2 - 1);
-        if (!sl || sl >= sizeof(seqtext) || c2[1] < '0' || c2[1] > '9')
+        int64_t v = pubsub_seq_parse(c2 + 1, (size_t)(id + idlen - c2 - 1));
+        if (v < 0)
             return 0;
-        memcpy(seqtext, c2 + 1, sl);
-        seqtext[sl] = 0;
-        char *end;
-        unsigned long long v = strtoull(seqtext, &end, 10);
-        if (*end || v > INT64_MAX)
-            return 0;
-        *since = (int64_t)v;
+        *since = v;
         *ep = id;
         *ep_len = (size_t)(c1 - id);
         return 1;
@@ -857,32 +920,10 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
         respond_text(c, rc, 405, "event streams are read with GET", "Allow: GET\r\n");
         return;
     }
-    size_t olen;
-    const char *origin = http_header_get(req, "origin", &olen);
-    if (origin && r->norigins) {
-        size_t i = 0;
-        while (i < r->norigins && !(strlen(r->origins[i]) == olen && strncasecmp(r->origins[i], origin, olen) == 0))
-            i++;
-        if (i == r->norigins) {
-            stats.auth_refused++;
-            respond_text(c, rc, 403, "this origin may not open this route", NULL);
-            return;
-        }
-    }
-    char tbuf[1024];
-    size_t tlen;
-    const char *token = cfg->jwt_secret ? request_token(req, tbuf, sizeof(tbuf), &tlen) : NULL;
-    if (token) {
-        const char *why;
-        auth_free(c->grants);
-        if (!(c->grants = auth_verify(token, tlen, cfg->jwt_secret, ev_now(loop), &why))) {
-            stats.auth_refused++;
-            respond_text(c, rc, 401, why, NULL);
-            return;
-        }
-    } else if (r->require_token) {
-        stats.auth_refused++;
-        respond_text(c, rc, 401, "a signed token is required (?token= or Authorization: Bearer)", NULL);
+    const char *why = NULL;
+    int status = open_refused(c, req, r, &why);
+    if (status) {
+        respond_text(c, rc, status, why, NULL);
         return;
     }
     struct buf list = {0};
@@ -911,6 +952,8 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
     out.len = 0;
     buf_append_str(&out, "HTTP/1.1 200 OK\r\nServer: herald\r\nContent-Type: text/event-stream\r\n"
                          "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+    size_t olen;
+    const char *origin = http_header_get(req, "origin", &olen);
     if (origin && r->norigins)
         buf_printf(&out, "Access-Control-Allow-Origin: %.*s\r\nVary: Origin\r\n", (int)olen, origin);
     else if (!r->norigins)
@@ -939,7 +982,6 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
          * is, so that nothing published after the head is missed. */
         struct waiting *w = xcalloc(1, sizeof(*w));
         w->kind = WAIT_STREAM;
-        w->conn = c;
         w->rs = rs_for_log(req);
         buf_append(&w->head, out.data, out.len);
         buf_append(&w->list, list.data, list.len);
@@ -948,8 +990,7 @@ static void serve_sse(struct conn *c, const struct reply_ctx *rc, const struct h
             buf_append(&w->list, x.ids, x.ids_len);
             w->ids_len = x.ids_len;
         }
-        conn_waits(c)->waiting = w;
-        conn_set_awaiting(c, 1);
+        wait_begin(c, w);
         x.waiting = 1;
         x.subscribe = 1;
         each_name(list.data, list.len, sse_channel, &x);
@@ -1272,7 +1313,9 @@ static void on_readable(struct conn *c)
         return; /* discarded: only EOF is awaited */
     if (c->state == CONN_HTTP) {
         used = process_http(c, (char *)buf, len);
-        if (c->state == CONN_WS)
+        /* Frames that came with the handshake wait for its 101 if that waits for Redis: they
+         * are kept (below) and served once it is out. */
+        if (c->state == CONN_WS && !c->awaiting)
             used += process_ws(c, buf + used, len - used);
     } else {
         if (c->state == CONN_WS && n) /* while closing, only the close timeout counts */
@@ -1288,8 +1331,8 @@ static void on_readable(struct conn *c)
 
 static void on_timeout(struct conn *c)
 {
-    if (c->awaiting) { /* waiting for Redis, not idle: an outage fails it when the link goes */
-        conn_touch(c);
+    if (CONN_WAIT(c, waiting)) { /* Redis has not answered in http_timeout */
+        wait_expired(c);
         return;
     }
     switch (c->state) {

@@ -5,8 +5,14 @@
 #include "conn.h"
 
 #include <ev.h>
-#include <malloc.h>
+#include <math.h>
 #include <stdlib.h>
+#include <string.h>
+/* The heap in use is known from glibc's mallinfo2 (2.33 and later); elsewhere it is left out. */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+#include <malloc.h>
+#define HAVE_MALLINFO2 1
+#endif
 
 struct stats stats;
 
@@ -26,32 +32,53 @@ void stats_clear_sections(void)
     nsections = 0;
 }
 
-enum figure_type { GAUGE, COUNTER };
+/* A figure's value: a whole number as one, anything else as %g gives it. */
+static void put_value(struct buf *out, double v)
+{
+    buf_printf(out, v == floor(v) ? "%.0f" : "%g", v);
+}
 
-struct figure {
-    const char *name;
-    enum figure_type type;
-    const char *help;
-    double value;
-};
+void stats_figures_json(struct buf *out, const struct stats_figure *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        buf_printf(out, "%s\"%s\":", i ? "," : "", f[i].name);
+        if (f[i].type == STATS_FLAG)
+            buf_append_str(out, f[i].value ? "true" : "false");
+        else
+            put_value(out, f[i].value);
+    }
+}
 
+void stats_figures_prom(struct buf *out, const char *prefix, const struct stats_figure *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(f[i].name);
+        int counter = f[i].type == STATS_COUNTER;
+        const char *suffix = counter && !(len >= 6 && strcmp(f[i].name + len - 6, "_total") == 0)
+                                 ? "_total" : "";
+        buf_printf(out, "# HELP herald_%s%s%s %s\n# TYPE herald_%s%s%s %s\nherald_%s%s%s ", prefix,
+                   f[i].name, suffix, f[i].help, prefix, f[i].name, suffix,
+                   counter ? "counter" : "gauge", prefix, f[i].name, suffix);
+        put_value(out, f[i].value);
+        buf_append(out, "\n", 1);
+    }
+}
+
+#ifdef HAVE_MALLINFO2
 /* Bytes the process has from malloc and not freed (the allocator's own view, so a leak shows
  * here even where RSS hides it in pages that were already touched). */
 static size_t heap_bytes(void)
 {
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
     struct mallinfo2 mi = mallinfo2();
     return mi.uordblks + mi.hblkhd;
-#else
-    return 0;
-#endif
 }
+#endif
 
 /* Every figure /stats and /metrics show, in one place so the two cannot drift apart. */
-static size_t collect(struct figure *f)
+static size_t collect(struct stats_figure *f)
 {
     size_t n = 0;
-#define FIG(nm, ty, hp, val) f[n++] = (struct figure){nm, ty, hp, (double)(val)}
+#define FIG(nm, ty, hp, val) f[n++] = (struct stats_figure){nm, STATS_##ty, hp, (double)(val)}
     FIG("connections", GAUGE, "Open client connections", conn_count());
     FIG("websockets", GAUGE, "Open WebSocket connections", stats.websockets);
     FIG("sse_streams", GAUGE, "Open Server-Sent Events streams", stats.sse_streams);
@@ -85,8 +112,10 @@ static size_t collect(struct figure *f)
     FIG("messages_too_big", COUNTER, "Messages refused for exceeding max_message",
         stats.messages_too_big);
     FIG("request_errors", COUNTER, "Malformed requests on the pub/sub route", stats.request_errors);
+#ifdef HAVE_MALLINFO2
     FIG("heap_bytes", GAUGE, "Bytes allocated with malloc and in use", heap_bytes());
-    FIG("uptime_s", GAUGE, "Seconds since start", ev_time() - stats.started);
+#endif
+    FIG("uptime_s", GAUGE, "Seconds since start", floor(ev_time() - stats.started));
 #undef FIG
     return n;
 }
@@ -95,11 +124,10 @@ static size_t collect(struct figure *f)
 
 void stats_render_json(struct buf *out)
 {
-    struct figure f[MAX_FIGURES];
+    struct stats_figure f[MAX_FIGURES];
     size_t n = collect(f);
     buf_printf(out, "{\"epoch\":\"%s\",", chan_epoch());
-    for (size_t i = 0; i < n; i++)
-        buf_printf(out, "%s\"%s\":%.0f", i ? "," : "", f[i].name, f[i].value);
+    stats_figures_json(out, f, n);
     for (size_t i = 0; i < nsections; i++) {
         buf_append(out, ",", 1);
         sections[i].json(out, sections[i].arg);
@@ -109,21 +137,9 @@ void stats_render_json(struct buf *out)
 
 void stats_render_prometheus(struct buf *out)
 {
-    struct figure f[MAX_FIGURES];
+    struct stats_figure f[MAX_FIGURES];
     size_t n = collect(f);
-    for (size_t i = 0; i < n; i++) {
-        const char *suffix = f[i].type == COUNTER ? "_total" : "";
-        /* Prometheus counters end in _total; names that already do keep theirs. */
-        size_t len = 0;
-        while (f[i].name[len])
-            len++;
-        if (len > 6 && f[i].type == COUNTER && f[i].name[len - 6] == '_' &&
-            f[i].name[len - 5] == 't')
-            suffix = "";
-        buf_printf(out, "# HELP herald_%s%s %s\n# TYPE herald_%s%s %s\nherald_%s%s %.0f\n", f[i].name,
-                   suffix, f[i].help, f[i].name, suffix, f[i].type == COUNTER ? "counter" : "gauge",
-                   f[i].name, suffix, f[i].value);
-    }
+    stats_figures_prom(out, "", f, n);
     for (size_t i = 0; i < nsections; i++)
         sections[i].prom(out, sections[i].arg);
 }

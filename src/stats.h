@@ -51,4 +51,24 @@ void stats_clear_sections(void);
 void stats_render_json(struct buf *out);
 void stats_render_prometheus(struct buf *out);
 
+/* One figure of /stats and /metrics. A module keeps its figures in one table that both renderings
+ * read, so that the two cannot drift apart: in JSON a figure is "name":value, in Prometheus
+ * herald_<prefix><name>, a counter's name with _total added unless it ends so already. */
+enum stats_type {
+    STATS_GAUGE,
+    STATS_COUNTER,
+    STATS_FLAG, /* true or false in JSON, a gauge of 1 or 0 in Prometheus */
+};
+struct stats_figure {
+    const char *name;
+    enum stats_type type;
+    const char *help;
+    double value;
+};
+/* Append f[0..n) to out as JSON object members, separated by commas (none before the first or
+ * after the last). */
+void stats_figures_json(struct buf *out, const struct stats_figure *f, size_t n);
+/* Append f[0..n) to out as Prometheus metrics (HELP, TYPE and the sample) named with prefix. */
+void stats_figures_prom(struct buf *out, const char *prefix, const struct stats_figure *f, size_t n);
+
 #endif

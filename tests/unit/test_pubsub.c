@@ -155,10 +155,29 @@ static void error_reply(void)
     buf_free(&b);
 }
 
+/* A seq as text, wherever it comes from: digits only, up to INT64_MAX. */
+static void seqs(void)
+{
+    CHECK_EQ(pubsub_seq_parse("0", 1), 0);
+    CHECK_EQ(pubsub_seq_parse("0042", 4), 42);
+    CHECK_EQ(pubsub_seq_parse("9223372036854775807", 19), INT64_MAX);
+    CHECK_EQ(pubsub_seq_parse("9223372036854775808", 19), -1);
+    CHECK_EQ(pubsub_seq_parse("9999999999999999999", 19), -1);
+    CHECK_EQ(pubsub_seq_parse("00000000000000000001", 20), -1); /* more than 19 digits */
+    CHECK_EQ(pubsub_seq_parse("12", 1), 1);                     /* only len bytes are read */
+    const char *bad[] = {"", "-1", "+1", " 1", "1 ", "1.0", "1e3", "0x10", "\xd9\xa1"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        CHECK_EQ(pubsub_seq_parse(bad[i], strlen(bad[i])), -1);
+    CHECK_EQ(parse("{\"op\":\"subscribe\",\"channel\":\"c\",\"since\":9223372036854775807}", 0), 0);
+    CHECK_EQ(q.since, INT64_MAX);
+    CHECK_EQ(parse("{\"op\":\"subscribe\",\"channel\":\"c\",\"since\":9223372036854775808}", 0), -1);
+}
+
 int main(void)
 {
     accepted();
     refused();
     error_reply();
+    seqs();
     return TEST_REPORT();
 }
