@@ -338,9 +338,14 @@ static void set_write_interest(struct conn *c, int want)
         events &= ~EV_READ;
     if (c->io.events == events)
         return;
+    /* Stopping a watcher drops an event fed to it (ev_feed_event, to resume pipelined input):
+     * keep it across the change. */
+    int fed = ev_clear_pending(loop, &c->io);
     ev_io_stop(loop, &c->io);
     ev_io_set(&c->io, c->io.fd, events);
     ev_io_start(loop, &c->io);
+    if (fed)
+        ev_feed_event(loop, &c->io, fed);
 }
 
 void conn_pause_reading(struct conn *c)

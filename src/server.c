@@ -789,11 +789,7 @@ static void wait_expired(struct conn *c)
         on_detach(c, WS_CLOSE_ABNORMAL, "");
     }
     waiting_free(w);
-    conn_set_awaiting(c, 0);
-    /* Requests pipelined after a publish are served now: the read event conn_set_awaiting feeds
-     * would be lost when the sweep writes the answer and the watcher's events change. */
-    if (c->pending && c->state == CONN_HTTP)
-        on_readable(c);
+    conn_set_awaiting(c, 0); /* requests pipelined after a publish go on */
 }
 
 void server_join(struct conn *c, const char *name, size_t len, int64_t since, const char *ep,

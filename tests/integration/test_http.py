@@ -130,6 +130,17 @@ def test_pipelined_requests(herald_module):
                 assert r.body == WEB_FILES[n][0], n
 
 
+def test_pipelined_large_responses(herald_module):
+    """Answers too large to be written at once pause the reading of the requests behind them;
+    each resumes once the one before is written, none is left waiting."""
+    with RawHTTP(herald_module.port) as h:
+        h.send(b"".join(h.build("GET", "/big.bin") for _ in range(3)) + h.build("GET", "/notes.txt"))
+        for _ in range(3):
+            r = h.read_response(timeout=10)
+            assert r.status == 200 and r.body == WEB_FILES["big.bin"][0]
+        assert h.read_response(timeout=10).body == WEB_FILES["notes.txt"][0]
+
+
 def test_pipelined_requests_split_at_every_byte(herald_module):
     """Requests arriving byte by byte are parsed the same."""
     with RawHTTP(herald_module.port) as h:
