@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 
 from herald_util import config_text, expect_silence, http_async, recv, run, ws_connect
 
@@ -103,16 +104,24 @@ def test_rotation_by_rename_under_load(herald_factory, tmp_path):
         (and, every other time, created again empty as logrotate's "create" does); the application
         writes a few more lines to the renamed file before it reopens its log. Rotations are far
         apart compared to herald's reaction, as in life: the next one waits until herald has
-        followed the last (the writing does not wait)."""
+        followed the last (the writing does not wait). Should herald never report a rotation,
+        the writer gives up after a bound rather than filling the disk until ctest's timeout."""
         f = open(path, "a")
         n = done = since = 0
+        deadline = None  # by when herald must have followed the last rotation
         while done < rotations or since < 2000:
+            if deadline is not None and time.monotonic() > deadline:
+                f.close()
+                raise AssertionError("herald did not report rotation %d within 15 s (%d lines "
+                                     "written): %r" % (done, n, tail_stats(h)))
             batch = ["line %d" % (n + k) for k in range(100)]
             n += 100
             since += 100
             f.write("\n".join(batch) + "\n")
             f.flush()
             expected.extend(batch)
+            if done < rotations and since >= 2000 and deadline is None:
+                deadline = time.monotonic() + 15.0
             if done < rotations and since >= 2000 and tail_stats(h)["rotations"] == done:
                 os.rename(path, "%s.%d" % (path, done))
                 if done % 2:
@@ -125,6 +134,7 @@ def test_rotation_by_rename_under_load(herald_factory, tmp_path):
                 f = open(path, "a")
                 done += 1
                 since = 0
+                deadline = None
         f.close()
 
     async def main():
