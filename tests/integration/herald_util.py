@@ -780,36 +780,51 @@ async def http_async(server, method, path, body=None, headers=None):
 
 class EventStream:
     """A Server-Sent Events stream read from a raw socket: the response head, then events as dicts
-    of their fields (a field given on several lines is joined with newlines)."""
+    of their fields (a field given on several lines is joined with newlines). Every read is
+    bounded: a stream that sends only keepalive comments still times out."""
 
-    def __init__(self, port, target, headers=None):
-        self.sock = socket.create_connection((HOST, port), timeout=5)
+    def __init__(self, port, target, headers=None, timeout=10.0):
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
         extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items())
         self.sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (target, extra)).encode())
         self.buf = b""
+        deadline = time.monotonic() + timeout
         while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, "closed before the head: %r" % self.buf
-            self.buf += chunk
+            self._fill(deadline, "the response head")
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         self.head = head.decode()
         self.status = int(self.head.split()[1])
 
-    def next_block(self, timeout=5.0):
+    def _fill(self, deadline, what):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no %s in time; have %r" % (what, self.buf[:300]))
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError("no %s in time; have %r" % (what, self.buf[:300]))
+        assert chunk, "stream closed while waiting for %s; have %r" % (what, self.buf[:300])
+        self.buf += chunk
+
+    def next_block(self, timeout=10.0):
+        """The next block (the text up to a blank line): an event, a comment or a retry."""
         deadline = time.monotonic() + timeout
         while b"\n\n" not in self.buf:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = self.sock.recv(65536)
-            assert chunk, "stream closed"
-            self.buf += chunk
+            self._fill(deadline, "block")
         block, self.buf = self.buf.split(b"\n\n", 1)
         return block.decode()
 
-    def next_event(self, timeout=5.0):
-        """The next block with data (comments and retry skipped): {"id": ..., "data": ...}."""
+    def next_event(self, timeout=10.0):
+        """The next block with data (comments and retry skipped): {"id": ..., "data": ...}. One
+        deadline for all the blocks read, so comments cannot keep it waiting past timeout."""
+        deadline = time.monotonic() + timeout
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no event within %.1f s (comments or retry only)" % timeout)
             fields = {}
-            for line in self.next_block(timeout).split("\n"):
+            for line in self.next_block(left).split("\n"):
                 if line.startswith(":"):
                     continue
                 k, _, v = line.partition(": ")
