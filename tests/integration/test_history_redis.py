@@ -5,31 +5,17 @@ import asyncio
 import json
 import socket
 
-import pytest
-
 from herald_util import HOST, DEFAULT_ROUTES, EventStream as Stream, RawHTTP, expect_silence, http_async, recv, \
     recv_json, request, run, ws_connect
-from redis_util import RedisServer, redis_settings
+from redis_util import mirror_node
 
 HISTORY = [{"prefix": "h:", "length": 2000, "age": 600}, {"prefix": "short:", "length": 10, "age": 600}]
 ROUTES = DEFAULT_ROUTES + [{"path": "/sse/", "kind": "sse"}]
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    r = RedisServer(tmp_path / "redis")
-    r.start()
-    yield r
-    r.stop()
-
-
-def node(herald_factory, redis_server, **extra):
-    overrides = {"limits": {"send_queue": 16 << 20}, "routes": ROUTES, "history": HISTORY}
-    overrides.update(extra)
-    overrides["redis"] = redis_settings(redis_server, mirror=True)
-    h = herald_factory(**overrides)
-    h.wait_stats(lambda s: s["redis"]["connected"], 10)
-    return h
+def node(herald_factory, redis_server, **overrides):
+    return mirror_node(herald_factory, redis_server,
+                       **dict({"routes": ROUTES, "history": HISTORY}, **overrides))
 
 
 def history_stats(h):

@@ -11,7 +11,7 @@ import pytest
 import websockets
 
 from herald_util import JWT_SECRET, Herald, jwt_token, expect_silence, recv, recv_json, request, run, ws_connect
-from redis_util import RedisServer, redis_settings
+from redis_util import mirror_node, redis_settings
 
 ID_RE = re.compile(r"^[0-9a-f]{16}:\d+$")
 
@@ -190,11 +190,10 @@ return {
 """
 
 
-def lua_node(herald_factory, tmp_path, **overrides):
+def lua_routes(tmp_path):
     script = tmp_path / "presence.lua"
     script.write_text(LUA_PRESENCE)
-    return herald_factory(routes=[{"path": "/ws", "kind": "pubsub"},
-                                  {"path": "/lua", "script": str(script)}], **overrides)
+    return [{"path": "/ws", "kind": "pubsub"}, {"path": "/lua", "script": str(script)}]
 
 
 async def lua_cmd(ws, text):
@@ -206,7 +205,7 @@ async def lua_cmd(ws, text):
 
 
 def test_lua_presence(herald_factory, tmp_path):
-    h = lua_node(herald_factory, tmp_path)
+    h = herald_factory(routes=lua_routes(tmp_path))
 
     async def main():
         async with ws_connect(h, "/lua?room=hall&member=1&events=1&nick=ann") as ann, \
@@ -238,32 +237,14 @@ def test_lua_presence(herald_factory, tmp_path):
 # --- across nodes ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    r = RedisServer(tmp_path / "redis")
-    r.start()
-    yield r
-    r.stop()
-
-
-def settings(redis_server, ttl):
-    return redis_settings(redis_server, mirror=True, presence_ttl=ttl)
-
-
-def mirror_node(herald_factory, redis_server, ttl=15, **overrides):
-    h = herald_factory(redis=settings(redis_server, ttl), **overrides)
-    h.wait_stats(lambda s: s["redis"]["connected"], 10)
-    return h
-
-
 def node_id(h):
     return h.stats()["redis"]["mirror"]["node_id"]
 
 
 def test_presence_across_nodes(herald_factory, redis_server, tmp_path):
-    a = mirror_node(herald_factory, redis_server)
-    b = lua_node(herald_factory, tmp_path, redis=settings(redis_server, 15))
-    b.wait_stats(lambda s: s["redis"]["connected"], 10)
+    a = mirror_node(herald_factory, redis_server, redis={"presence_ttl": 15})
+    b = mirror_node(herald_factory, redis_server, redis={"presence_ttl": 15},
+                    routes=lua_routes(tmp_path))
 
     async def main():
         async with ws_connect(b) as watcher, ws_connect(a) as ann:
@@ -302,8 +283,10 @@ def test_presence_across_nodes(herald_factory, redis_server, tmp_path):
 
 def test_killed_node_members_leave_within_ttl(herald_factory, redis_server, tmp_path):
     ttl = 1.0
-    b = mirror_node(herald_factory, redis_server, ttl)
-    victim = Herald(tmp_path / "victim", {"redis": settings(redis_server, ttl)}).start()
+    b = mirror_node(herald_factory, redis_server, redis={"presence_ttl": ttl})
+    # Not one of herald_factory's: it is killed, and does not exit cleanly.
+    victim = Herald(tmp_path / "victim",
+                    {"redis": redis_settings(redis_server, mirror=True, presence_ttl=ttl)}).start()
     try:
         victim.wait_stats(lambda s: s["redis"]["connected"], 10)
 
@@ -346,8 +329,8 @@ def test_killed_node_members_leave_within_ttl(herald_factory, redis_server, tmp_
 
 
 def test_stopped_node_members_leave_at_once(herald_factory, redis_server):
-    a = mirror_node(herald_factory, redis_server, ttl=60)
-    b = mirror_node(herald_factory, redis_server, ttl=60)
+    a = mirror_node(herald_factory, redis_server, redis={"presence_ttl": 60})
+    b = mirror_node(herald_factory, redis_server, redis={"presence_ttl": 60})
 
     async def main():
         async with ws_connect(b) as watcher:
@@ -366,8 +349,8 @@ def test_stopped_node_members_leave_at_once(herald_factory, redis_server):
 
 
 def test_presence_survives_redis_restart(herald_factory, redis_server):
-    a = mirror_node(herald_factory, redis_server, ttl=2)
-    b = mirror_node(herald_factory, redis_server, ttl=2)
+    a = mirror_node(herald_factory, redis_server, redis={"presence_ttl": 2})
+    b = mirror_node(herald_factory, redis_server, redis={"presence_ttl": 2})
 
     async def main():
         async with ws_connect(b) as watcher, ws_connect(a) as ann:

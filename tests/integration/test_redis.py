@@ -7,18 +7,8 @@ import re
 import signal
 import time
 
-import pytest
-
 from herald_util import config_text, expect_silence, recv, recv_json, request, run, ws_connect
 from redis_util import RedisServer, SteadyPublisher, redis_settings, wait_log
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    r = RedisServer(tmp_path / "redis")
-    r.start()
-    yield r
-    r.stop()
 
 
 def wait_ready(h, subscriptions, timeout=10.0):
