@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-import websockets
 
 from herald_util import JWT_SECRET, expect_silence, jwt_token, http_async, recv, recv_json, request, run, ws_connect
 from redis_util import mirror_node
@@ -266,7 +265,7 @@ def test_token_must_grant_every_channel_a_pattern_matches(herald):
     t = jwt_token({"exp": time.time() + 60, "subscribe": ["sensors.*", "room"]})
 
     async def main():
-        async with websockets.connect(herald.ws_url("/ws") + "?token=" + t, ping_interval=None) as ws:
+        async with ws_connect(herald, "/ws?token=" + t) as ws:
             for pattern, ok in (("sensors.*.temp", True), ("sensors.>", True), ("sensors.x", True),
                                 ("*.temp", False), (">", False), ("sensorsx.*", False),
                                 ("room", True), ("room.*", False)):

@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-import websockets
 
 from herald_util import JWT_SECRET, Herald, jwt_token, expect_silence, recv, recv_json, request, run, ws_connect
 from redis_util import mirror_node, redis_settings
@@ -147,7 +146,7 @@ def test_presence_needs_the_subscribe_grant(herald):
     t = jwt_token({"exp": time.time() + 60, "subscribe": ["room:*"]})
 
     async def main():
-        async with websockets.connect(herald.ws_url("/ws") + "?token=" + t, ping_interval=None) as ws:
+        async with ws_connect(herald, "/ws?token=" + t) as ws:
             await join(ws, "room:1", presence=True)
             assert (await presence(ws, "room:1"))["count"] == 1
             reply = await request(ws, {"op": "presence", "channel": "secret"})
@@ -294,8 +293,7 @@ def test_killed_node_members_leave_within_ttl(herald_factory, redis_server, tmp_
             async with ws_connect(b) as watcher:
                 await join(watcher, "ward", events=True)
                 await presence(watcher, "ward")  # followed from now on
-                members = [await websockets.connect(victim.ws_url("/ws"), ping_interval=None)
-                           for _ in range(3)]
+                members = [await ws_connect(victim) for _ in range(3)]
                 for i, ws in enumerate(members):
                     await join(ws, "ward", presence=True, info={"n": i})
                 ids = set()
@@ -336,7 +334,7 @@ def test_stopped_node_members_leave_at_once(herald_factory, redis_server):
         async with ws_connect(b) as watcher:
             await join(watcher, "desk", events=True)
             await presence(watcher, "desk")
-            ws = await websockets.connect(a.ws_url("/ws"), ping_interval=None)
+            ws = await ws_connect(a)
             await join(ws, "desk", presence=True)
             assert (await event(watcher))["op"] == "join"
             start = time.monotonic()
