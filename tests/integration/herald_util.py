@@ -293,6 +293,22 @@ class Herald:
         return s
 
 
+def script_stats(h, path):
+    """The /stats entry of the script route (or authorize script) on path."""
+    for s in h.stats()["scripts"]:
+        if s["path"] == path:
+            return s
+    raise AssertionError("no script stats for %s" % path)
+
+
+def line_of(path, text):
+    """The 1-based number of the first line of the file path that holds text."""
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if text in line:
+            return i
+    raise AssertionError("%r not in %s" % (text, path))
+
+
 # --- raw HTTP -----------------------------------------------------------------------------------
 
 class Response:
@@ -470,6 +486,14 @@ def handshake_request(port, path, key=None, extra=None, drop=(), method="GET", v
     text = "%s %s %s\r\n" % (method, path, version)
     text += "".join("%s: %s\r\n" % kv for kv in hdrs.items()) + "\r\n"
     return text.encode()
+
+
+def handshake_status(h, path, extra=None):
+    """Send a WebSocket handshake for path (extra: more headers) and return the Response: a
+    refusal's status and body, or the head of a 101 (the connection is closed then)."""
+    with RawHTTP(h.port) as c:
+        c.send(handshake_request(h.port, path, extra=extra))
+        return c.read_response()
 
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10

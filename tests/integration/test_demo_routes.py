@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from herald_util import (REPO, RawHTTP, expect_silence, handshake_request, herald_bin, recv,
-                         recv_json, run, ws_connect)
+from herald_util import (REPO, expect_silence, handshake_status, herald_bin, recv, recv_json, run,
+                         script_stats, ws_connect)
 
 DEMO = REPO / "scripts"
 
@@ -32,10 +32,6 @@ def demo_routes():
 
 
 DEMO_CONFIG = dict(routes=demo_routes())
-
-
-def script_stats(h, path):
-    return next(s for s in h.stats()["scripts"] if s["path"] == path)
 
 
 def reload_and_wait(h):
@@ -136,10 +132,8 @@ def test_chat_names(herald):
         async with ws_connect(herald, "/chat?room=anon") as ws:
             assert (await recv_json(ws))["nick"].startswith("guest-")
     run(main())
-    with RawHTTP(herald.port) as c:
-        c.send(handshake_request(herald.port, "/chat?room=no%20spaces"))
-        r = c.read_response()
-        assert r.status == 403 and b"room names" in r.body
+    r = handshake_status(herald, "/chat?room=no%20spaces")
+    assert r.status == 403 and b"room names" in r.body
 
 
 # --- draw ----------------------------------------------------------------------------------------
@@ -248,9 +242,7 @@ def test_logstream_parses_each_line_once(herald):
         for ws in watchers:
             await ws.close()
     run(main())
-    with RawHTTP(herald.port) as c:
-        c.send(handshake_request(herald.port, "/log?channel=secrets"))
-        assert c.read_response().status == 403
+    assert handshake_status(herald, "/log?channel=secrets").status == 403
 
 
 @pytest.mark.herald(routes=demo_routes(), access_log="access.log",

@@ -11,13 +11,12 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import websockets
 
-from herald_util import (REPO, RawHTTP, RawWS, expect_silence, handshake_request, herald_bin, recv,
-                         recv_json, run, ws_connect)
+from herald_util import (REPO, RawWS, expect_silence, handshake_status, herald_bin, line_of, recv,
+                         recv_json, run, script_stats, ws_connect)
 
 SCRIPTS = REPO / "tests" / "scripts"
 PROBE = SCRIPTS / "probe.lua"
@@ -33,21 +32,6 @@ def routes(*extra):
 
 
 PROBE_CONFIG = dict(routes=routes())
-
-
-def line_of(path, text):
-    """The 1-based line of the first line of path holding text."""
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if text in line:
-            return i
-    raise AssertionError("%r not in %s" % (text, path))
-
-
-def script_stats(h, path="/probe"):
-    for s in h.stats()["scripts"]:
-        if s["path"] == path:
-            return s
-    raise AssertionError("no script stats for %s" % path)
 
 
 def route_stats(h, path):
@@ -75,12 +59,6 @@ def wait_log(h, pattern, start=0, timeout=10.0):
 def log_mark(h):
     with h._lock:
         return len(h.lines)
-
-
-def handshake_status(h, path, extra=None):
-    with RawHTTP(h.port) as c:
-        c.send(handshake_request(h.port, path, extra=extra))
-        return c.read_response()
 
 
 async def open_probe(h, query="", **kw):
@@ -131,7 +109,7 @@ def test_open_gets_client_and_request(herald):
             assert o2["id"] != o["id"]
             assert o2["query"] == {}
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["calls"]["open"] == 2 and s["errors"] == 0
 
 
@@ -150,7 +128,7 @@ def test_message_gets_data_and_type(herald):
             assert await recv_json(ws) == {"hook": "message", "length": len(blob), "is_binary": True}
             assert await recv(ws) == blob
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["calls"]["message"] == 4
     assert route_stats(herald, "/probe")["messages"] == 4
 
@@ -187,18 +165,18 @@ def test_close_gets_code_and_reason_once(herald):
             assert ws.close_code == 4002 and ws.close_reason == "done"
             await expect_silence(watch, 0.3)
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["calls"]["close"] == 5  # four clients and the watcher, each once
     assert s["clients"] == 0 and s["errors"] == 0
 
 
 @pytest.mark.herald(**PROBE_CONFIG)
 def test_open_can_refuse(herald):
-    before = script_stats(herald)
+    before = script_stats(herald, "/probe")
     r = handshake_status(herald, "/probe?refuse=not%20welcome%20here")
     assert r.status == 403
     assert b"not welcome here" in r.body
-    after = script_stats(herald)
+    after = script_stats(herald, "/probe")
     assert after["calls"]["open"] == before["calls"]["open"] + 1
     assert after["calls"]["close"] == before["calls"]["close"]  # never opened, never closed
     assert after["clients"] == 0 and after["errors"] == 0
@@ -259,7 +237,7 @@ def test_deliver_transforms_and_drops(herald):
             herald.publish("plain", "last")
             assert await recv(ws) == "last"
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["deliver_dropped"] == 1
     assert s["errors"] == 0
 
@@ -317,7 +295,7 @@ def test_timers_fire_repeat_and_cancel(herald):
             await ws.send("!everyerror")
             assert await recv_json(ws) == {"every_error_runs": 3}
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["timers"] == 0
     assert s["calls"]["timer"] == 8
     assert s["errors"] == 3
@@ -383,7 +361,7 @@ def test_error_in_each_hook_is_contained_logged_and_counted(herald):
         await still_serving(herald)
         await watch.close()
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["errors"] == 7
     assert "os.exit is not available" in s["last_error"]
     assert herald.metrics().count('herald_script_errors_total{path="/probe"} 7') == 1
@@ -417,7 +395,7 @@ def test_endless_loop_is_stopped_and_counted(herald):
         assert r.status == 500
         await still_serving(herald)
     run(main(), timeout=120)
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["runaway"] == 4
     assert s["errors"] == 4
 
@@ -434,7 +412,7 @@ def test_memory_is_bounded(herald):
                 await ws.send("fine again")
                 assert (await recv_json(ws, 30))["data"] == "fine again"
     run(main(), timeout=120)
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["memory_errors"] == 2 and s["errors"] == 2
     assert s["memory_peak"] <= s["memory_limit"] == 64 << 20
     assert s["memory"] < 8 << 20  # the garbage was collected
@@ -516,7 +494,7 @@ def test_client_object_outlives_its_connection_harmlessly(herald):
                                           "close": [None, "closed"], "connected": False,
                                           "data": "gone"}
     run(main())
-    assert script_stats(herald)["errors"] == 0
+    assert script_stats(herald, "/probe")["errors"] == 0
 
 
 @pytest.mark.herald(**PROBE_CONFIG)
