@@ -217,6 +217,43 @@ class Herald:
         with self._lock:
             return "".join(self.lines)
 
+    def log_mark(self):
+        """A mark in herald's stderr: wait_log(pattern, mark) looks only at what comes after."""
+        with self._lock:
+            return len(self.lines)
+
+    def wait_log(self, pattern, start=0, timeout=10.0):
+        """Wait (bounded) until a stderr line from the mark start on matches the regular
+        expression pattern; returns that line."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                lines = self.lines[start:]
+            for line in lines:
+                if rx.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError("herald logged no line matching %r; since the mark:\n%s"
+                                     % (pattern, "".join(lines)))
+            time.sleep(0.02)
+
+    def reload(self, **settings):
+        """Change settings (each replaces the one of that name, limits included; None removes
+        it), write the configuration, send SIGHUP and wait (bounded) until herald says it
+        reloaded. With no settings, the same configuration is read again (scripts included).
+        Returns the log mark from before the signal, to wait for what else the reload logs."""
+        for k, v in settings.items():
+            if v is None:
+                self.cfg.pop(k, None)
+            else:
+                self.cfg[k] = v
+        self.config_path.write_text(config_text(self.cfg))
+        mark = self.log_mark()
+        self.terminate(signal.SIGHUP)
+        self.wait_log("configuration reloaded", mark)
+        return mark
+
     @property
     def pid(self):
         return self.proc.pid

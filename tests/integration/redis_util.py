@@ -288,13 +288,3 @@ def mirror_node(herald_factory, server, redis=None, **overrides):
                      s["redis"]["mirror"]["state"] == "connected", 10)["redis"]
     assert s["connected"] and s["mirror"]["enabled"] and s["mirror"]["state"] == "connected", s
     return h
-
-
-def wait_log(herald, text, count=1, timeout=10.0):
-    """Wait until herald's stderr holds text at least count times (bounded)."""
-    deadline = time.monotonic() + timeout
-    while herald.stderr_text().count(text) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError("herald did not log %r %d time(s):\n%s"
-                                 % (text, count, herald.stderr_text()))
-        time.sleep(0.02)

@@ -2,9 +2,8 @@
 nicknames, who is here), draw (a late joiner gets the picture, clear, bounded history), logstream
 (parsed access-log fields, parsed once per line), countdown (10 .. 1 then BOOM!), dashboard (the
 broker's figures every second)."""
+import asyncio
 import json
-import os
-import signal
 import subprocess
 import time
 
@@ -32,16 +31,6 @@ def demo_routes():
 
 
 DEMO_CONFIG = dict(routes=demo_routes())
-
-
-def reload_and_wait(h):
-    with h._lock:
-        mark = len(h.lines)
-    os.kill(h.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "configuration reloaded" not in "".join(h.lines[mark:]):
-        assert time.monotonic() < deadline, "no reload in the log:\n" + h.stderr_text()
-        time.sleep(0.02)
 
 
 def test_demo_configuration_is_valid():
@@ -105,7 +94,7 @@ def test_chat_rooms_nicknames_and_who_is_here(herald):
         await expect_silence(carol, 0.2)
         await expect_silence(bob, 0.1)
         # who is here survives a reload of the script
-        reload_and_wait(herald)
+        await asyncio.to_thread(herald.reload)
         await carol.send(json.dumps({"type": "who"}))
         assert await recv_json(carol) == {"type": "who", "nicks": ["carol"]}
         await bob.send(json.dumps({"type": "who"}))
@@ -175,7 +164,7 @@ def test_draw_late_joiner_gets_the_picture(herald):
             assert (await recv_json(a))["type"] == "error"
         await expect_silence(b, 0.2)
         # the picture survives a reload
-        reload_and_wait(herald)
+        await asyncio.to_thread(herald.reload)
         async with ws_connect(herald, "/draw?room=r1") as c:
             assert (await recv_json(c))["strokes"] == 4
         # clear: everyone is told, and a new joiner gets an empty canvas

@@ -41,26 +41,6 @@ def route_stats(h, path):
     raise AssertionError("no route stats for %s" % path)
 
 
-def wait_log(h, pattern, start=0, timeout=10.0):
-    """Wait (bounded) until a stderr line from index start on matches pattern; returns it."""
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        with h._lock:
-            lines = list(h.lines[start:])
-        for line in lines:
-            if rx.search(line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError("no log line matching %r in:\n%s" % (pattern, "".join(lines)))
-        time.sleep(0.02)
-
-
-def log_mark(h):
-    with h._lock:
-        return len(h.lines)
-
-
 async def open_probe(h, query="", **kw):
     """Connect to /probe: (ws, the open hook's report); the caller closes ws."""
     ws = await ws_connect(h, "/probe" + query, **kw)
@@ -308,54 +288,54 @@ def test_error_in_each_hook_is_contained_logged_and_counted(herald):
     src = str(PROBE)
 
     def expect_error(hook, text, start):
-        line = wait_log(herald, re.escape(text), start)
+        line = herald.wait_log(re.escape(text), start)
         assert "warn" in line and "/probe" in line and ("in %s:" % hook) in line, line
         assert "probe.lua:%d: %s" % (line_of(src, text), text) in line, line
 
     async def main():
         # open: the handshake fails with 500; the connection and the broker go on
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         r = handshake_status(herald, "/probe?fail=open")
         assert r.status == 500
         expect_error("open", "open failed on purpose", mark)
         watch, _ = await open_probe(herald, "?watch=1")
         ws, _ = await open_probe(herald, "?failclose=1")
         # message: the client stays connected
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.send("!error")
         expect_error("message", "message failed on purpose", mark)
         await ws.send("hi")
         assert (await recv_json(ws))["data"] == "hi"
         # an error that is not a string still has a place
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.send("!errortable")
-        line = wait_log(herald, r"error object is a table value", mark)
+        line = herald.wait_log(r"error object is a table value", mark)
         assert "probe.lua:%d:" % line_of(src, "function commands.errortable") in line
         # deliver: the message is dropped for this route only
         for ch in ("fail", "plain"):
             await ws.send("!sub " + ch)
             await recv_json(ws)
         async with ws_connect(herald, "/sub/fail") as raw:
-            mark = log_mark(herald)
+            mark = herald.log_mark()
             herald.publish("fail", "boom")
             assert await recv(raw) == "boom"  # other routes still get it
             expect_error("deliver", "deliver failed on purpose", mark)
             herald.publish("plain", "next")
             assert await recv(ws) == "next"
         # timer
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.send("!timererror")
         expect_error("timer", "timer failed on purpose", mark)
         assert await recv_json(ws) == {"timer": "still alive"}
         # close
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.close()
         ev = await recv_json(watch)
         assert ev["hook"] == "close"
         expect_error("close", "close failed on purpose", mark)
         # a script cannot end the broker
         await watch.send("!exit")
-        wait_log(herald, "os.exit is not available", mark)
+        herald.wait_log("os.exit is not available", mark)
         await watch.send("hi")
         assert (await recv_json(watch))["data"] == "hi"
         await still_serving(herald)
@@ -372,10 +352,10 @@ def test_endless_loop_is_stopped_and_counted(herald):
     async def main():
         async with probe(herald) as (ws, _):
             for cmd in ("!loop", "!pcallloop"):
-                mark = log_mark(herald)
+                mark = herald.log_mark()
                 t0 = time.monotonic()
                 await ws.send(cmd)
-                line = wait_log(herald, "script stopped", mark, timeout=30)
+                line = herald.wait_log("script stopped", mark, timeout=30)
                 assert "probe.lua:" in line and "in message" in line
                 assert time.monotonic() - t0 < 20
                 await ws.send("still here?")  # the client stays connected and served
@@ -385,9 +365,9 @@ def test_endless_loop_is_stopped_and_counted(herald):
             await recv_json(ws)
             await ws.send("!sub plain")
             await recv_json(ws)
-            mark = log_mark(herald)
+            mark = herald.log_mark()
             herald.publish("loop", "x")
-            wait_log(herald, "in deliver: .*script stopped", mark, timeout=30)
+            herald.wait_log("in deliver: .*script stopped", mark, timeout=30)
             herald.publish("plain", "after the loop")
             assert await recv(ws, 30) == "after the loop"
         # in open: the handshake fails
@@ -405,9 +385,9 @@ def test_memory_is_bounded(herald):
     async def main():
         async with probe(herald) as (ws, _):
             for cmd in ("!alloc", "!bigstring"):
-                mark = log_mark(herald)
+                mark = herald.log_mark()
                 await ws.send(cmd)
-                line = wait_log(herald, "memory", mark, timeout=30)
+                line = herald.wait_log("memory", mark, timeout=30)
                 assert "in message" in line and "probe.lua" in line
                 await ws.send("fine again")
                 assert (await recv_json(ws, 30))["data"] == "fine again"
@@ -471,13 +451,13 @@ def test_module_helpers_and_client_fields(herald):
             await ws.send("!badclose")
             m = await recv_json(ws)
             assert m["ok"] is False and "1005" in m["err"]
-            mark = log_mark(herald)
+            mark = herald.log_mark()
             await ws.send("!log warn")
             assert await recv_json(ws) == {"logged": "warn"}
-            assert "warn: script /probe: probe says 42 true" in wait_log(herald, "probe says", mark)
+            assert "warn: script /probe: probe says 42 true" in herald.wait_log("probe says", mark)
             await ws.send("!print")
             await recv_json(ws)
-            assert "info: script /probe: printed by probe" in wait_log(herald, "printed by", mark)
+            assert "info: script /probe: printed by probe" in herald.wait_log("printed by", mark)
     run(main())
 
 
@@ -574,13 +554,6 @@ def reload_script(version, broken=False):
     return text
 
 
-def sighup_and_wait(h, pattern, start=None):
-    mark = log_mark(h) if start is None else start
-    os.kill(h.pid, signal.SIGHUP)
-    wait_log(h, "configuration reloaded", mark)
-    return wait_log(h, pattern, mark)
-
-
 def reload_routes(tmp_path):
     path = tmp_path / "reload.lua"
     path.write_text(reload_script("v1"))
@@ -597,7 +570,7 @@ def test_reload_keeps_connections_data_and_state(herald_factory, tmp_path):
             assert await recv(ws) == "v1 who joined=v1 loads=1"
             assert await recv(ticks) == "v1"
             path.write_text(reload_script("v2"))
-            sighup_and_wait(h, r"script .*reload\.lua reloaded on route /reload")
+            h.wait_log(r"script .*reload\.lua reloaded on route /reload", h.reload())
             await ws.send("who")
             # the new hooks serve the old connection, whose client.data survived, as did herald.state
             assert await recv(ws) == "v2 who joined=v1 loads=2"
@@ -622,7 +595,7 @@ def test_reload_with_a_broken_script_keeps_the_old_one(herald_factory, tmp_path)
                                   (reload_script("v2").replace("return {", "error('no, not now')\nreturn {"),
                                    r"reload\.lua:\d+: no, not now")):
                 path.write_text(text)
-                line = sighup_and_wait(h, problem)
+                line = h.wait_log(problem, h.reload())
                 assert "error" in line and "keeps running the previous version" in line, line
                 await ws.send("still")
                 assert await recv(ws) == "v1 still joined=v1 loads=1"
@@ -637,7 +610,7 @@ def test_reload_with_a_broken_script_keeps_the_old_one(herald_factory, tmp_path)
             assert s["load_errors"] == 2 and s["reloads"] == 0 and s["timers"] == 1
             assert "no, not now" in s["last_error"]
             path.write_text(reload_script("v3"))
-            sighup_and_wait(h, r"reloaded on route /reload")
+            h.wait_log(r"reloaded on route /reload", h.reload())
             await ws.send("fixed")
             assert await recv(ws) == "v3 fixed joined=v1 loads=3"
     run(main())
@@ -665,15 +638,14 @@ def test_reload_under_traffic_with_200_clients(herald_factory, tmp_path):
                 assert (await recv_json(pub))["op"] == "published"
 
             n = 0
-            mark = log_mark(h)
+            mark = h.log_mark()
             for _ in range(before_reload):
                 n += 1
                 await publish(n)
                 if n == before_reload // 2:
                     path.write_text(reload_script("v2"))
                     os.kill(h.pid, signal.SIGHUP)  # and keep publishing while it reloads
-            await asyncio.get_running_loop().run_in_executor(
-                None, wait_log, h, "reloaded on route /reload", mark)
+            await asyncio.to_thread(h.wait_log, "reloaded on route /reload", mark)
             for _ in range(after_reload):
                 n += 1
                 await publish(n)

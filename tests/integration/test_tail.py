@@ -8,7 +8,7 @@ import re
 import signal
 import time
 
-from herald_util import config_text, expect_silence, http_async, recv, run, ws_connect
+from herald_util import expect_silence, http_async, recv, run, ws_connect
 
 
 def tail_node(herald_factory, path, channel="log:t", limits=None, **extra):
@@ -327,9 +327,7 @@ def test_reload_keeps_followed_files_and_adds_new_ones(herald_factory, tmp_path)
     with open(a, "a") as f:
         f.write("one\n")
     wait_tail(h, lambda t: t["lines"] == 1)
-    h.cfg["tail"] = [{"path": str(b), "channel": "b"}, {"path": str(a), "channel": "a"}]
-    h.config_path.write_text(config_text(h.cfg))
-    h.terminate(signal.SIGHUP)
+    h.reload(tail=[{"path": str(b), "channel": "b"}, {"path": str(a), "channel": "a"}])
     s = h.wait_stats(lambda s: len(s["tail"]) == 2)["tail"]
     assert [t["channel"] for t in s] == ["b", "a"]
     assert s[1]["lines"] == 1 and s[1]["offset"] == 4    # a: its state kept
@@ -345,7 +343,5 @@ def test_reload_keeps_followed_files_and_adds_new_ones(herald_factory, tmp_path)
             assert await recv(sb) == "new in b"
 
     run(main())
-    h.cfg["tail"] = None
-    h.config_path.write_text(config_text({k: v for k, v in h.cfg.items() if v is not None}))
-    h.terminate(signal.SIGHUP)
+    h.reload(tail=None)
     assert h.wait_stats(lambda s: s["tail"] == [])["tail"] == []
