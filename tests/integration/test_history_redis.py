@@ -322,9 +322,10 @@ def test_disconnect_while_the_fetch_is_in_flight(herald_factory, redis_server):
             for i in range(5):
                 assert a.publish("h:f", b"m%d" % i).status == 200
             for _ in range(3):
-                # Redis answers nothing for a moment: joins and publishes are in flight.
+                # Redis answers nothing for a moment (long enough for the connections below to
+                # be made and to go): their joins are in flight (their publishes wait behind).
                 with redis_server.client() as c:
-                    assert c.command("CLIENT", "PAUSE", "300", "ALL") == "OK"
+                    assert c.command("CLIENT", "PAUSE", "2000", "ALL") == "OK"
                 clients = []
                 for _ in range(20):
                     ws = await ws_connect(a).__aenter__()
@@ -338,7 +339,11 @@ def test_disconnect_while_the_fetch_is_in_flight(herald_factory, redis_server):
                                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                                "Sec-WebSocket-Version: 13\r\n\r\n" % epoch).encode())
-                await asyncio.sleep(0.05)  # the requests reach the node (not a synchronisation)
+                # Every subscription waits for Redis, its fetch in flight, when they go (the
+                # pause has well over a second to run).
+                st = await asyncio.to_thread(
+                    a.wait_stats, lambda s: s["redis"]["mirror"]["history"]["joining"] == 25, 10)
+                assert st["redis"]["mirror"]["history"]["joining"] == 25, st["redis"]["mirror"]
                 for ws in clients:
                     ws.transport.abort()
                 for s in raws:
