@@ -5,7 +5,6 @@ import asyncio
 import json
 import re
 import subprocess
-import time
 
 import pytest
 
@@ -155,7 +154,9 @@ def test_close_hook_runs_once_per_opened_client(herald_module):
     # refused handshakes never opened: no close hook for them
     for path in ("/ws?subscribe=secret", "/ws?refuse=no", "/ws?subscribe=public:a,fail:x"):
         assert handshake_status(h, path).status == 403
-    time.sleep(0.2)
+    # Asked once the broker has let them go (only the /stats connection is left).
+    s = h.wait_stats(lambda s: s["connections"] == 1)
+    assert s["connections"] == 1, s
     assert closed() == a + 4
 
 
