@@ -306,16 +306,19 @@ def test_killed_node_members_leave_within_ttl(herald_factory, redis_server, tmp_
                     ids.add((await event(watcher))["client"]["id"])
                 assert (await presence(watcher, "ward"))["count"] == 3
                 victim.proc.send_signal(signal.SIGKILL)
-                killed = time.monotonic()
+                # The key expires at most ttl after the last beat; the next reap follows within
+                # ttl/3. Allowed: twice the ttl, and 4 s more for slow (sanitizer) builds.
+                bound = ttl * 2 + 4.0
+                deadline = time.monotonic() + bound
                 left = set()
-                while left != ids:  # bounded by recv_json's timeout
-                    m = await event(watcher, timeout=ttl * 4 + 5)
+                while left != ids:
+                    try:
+                        m = await event(watcher, timeout=max(0.01, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        raise AssertionError("%d of the 3 members left within %.1f s of the kill"
+                                             % (len(left), bound)) from None
                     assert m["op"] == "leave"
                     left.add(m["client"]["id"])
-                elapsed = time.monotonic() - killed
-                # The key expires at most ttl after the last beat; the next reap follows within
-                # ttl/3.
-                assert elapsed < ttl * 2 + 1.5, elapsed
                 assert (await presence(watcher, "ward"))["count"] == 0
                 await expect_silence(watcher, 0.3)  # each leave once
                 for ws in members:
@@ -342,10 +345,9 @@ def test_stopped_node_members_leave_at_once(herald_factory, redis_server):
             ws = await ws_connect(a)
             await join(ws, "desk", presence=True)
             assert (await event(watcher))["op"] == "join"
-            start = time.monotonic()
             await asyncio.to_thread(a.stop)  # SIGTERM: the node says its members leave
+            # Within 10 s: long before the 60 s TTL.
             assert (await event(watcher, timeout=10))["op"] == "leave"
-            assert time.monotonic() - start < 10  # long before the 60 s TTL
             ws.transport.abort()
 
     run(main(), timeout=60)
