@@ -17,6 +17,8 @@ function bigDocument(tag) {
 }
 
 const deflateFigures = (stats) => Object.fromEntries(Object.entries(stats).filter(([k]) => k.startsWith("deflate_")));
+/** How much each figure grew from before to after. */
+const difference = (before, after) => Object.fromEntries(Object.keys(after).map((k) => [k, after[k] - before[k]]));
 
 /** In the page: a channel feed from the demo client module on the given channels, its messages
  *  kept in window.feeds[name].got. Resolves when it is live. */
@@ -93,17 +95,27 @@ test("deflate: Chromium negotiates permessage-deflate; echo, fan-out and publish
     await echo.locator("#text").press("Enter");
     await echo.locator(".line.in .text", { hasText: long }).waitFor();
 
+    // The echoes: herald inflated what Chromium sent (the text and binary at least) and compressed
+    // what it sent back, but the short one.
+    const afterEcho = deflateFigures(await herald.stats());
+    const echoed = difference(before, afterEcho);
+    assert.ok(echoed.deflate_inflated >= 2 && echoed.deflate_compressed >= 1, JSON.stringify(echoed));
+    assert.ok(echoed.deflate_not_compressed >= 1, JSON.stringify(echoed)); // "short", under min_size
+
     // Two pages subscribed to a channel over /ws with the demo client module; both negotiated the
-    // extension.
+    // extension. The pages are echo pages, whose own connection is quiet: the front page's
+    // figures, compressed every second, would blur the counts below.
     const pages = [await newPage(context), await newPage(context)];
     for (const page of pages) {
-      await page.goto(herald.url("/"));
+      await page.goto(herald.url("/echo.html"));
       await waitConnected(page);
       await openFeed(page, "big", ["big"]);
       assert.match(await page.evaluate(() => window.feeds.big.ws.extensions), /^permessage-deflate\b/);
     }
 
-    // A large JSON message published over HTTP arrives intact at both.
+    // A large JSON message published over HTTP arrives intact at both, compressed once for the
+    // two of them.
+    const beforeHttp = deflateFigures(await herald.stats());
     const first = bigDocument("http");
     const published = await herald.publish("big", JSON.stringify(first));
     assert.equal(published.subscribers, 2);
@@ -113,9 +125,15 @@ test("deflate: Chromium negotiates permessage-deflate; echo, fan-out and publish
       assert.equal(msg.seq, 1);
       assert.deepEqual(msg.data, first);
     }
+    const http = difference(beforeHttp, deflateFigures(await herald.stats()));
+    assert.equal(http.deflate_compressed, 1, JSON.stringify(http));
+    assert.equal(http.deflate_not_compressed, 0, JSON.stringify(http));
+    assert.equal(http.deflate_inflated, 0, JSON.stringify(http));
+    assert.ok(http.deflate_compress_bytes_out * 3 < http.deflate_compress_bytes_in, JSON.stringify(http));
 
     // One published by a page over /ws: Chromium sends it compressed, herald inflates it and
     // sends it on compressed; it arrives intact at both, the sender included.
+    const beforePage = deflateFigures(await herald.stats());
     const second = bigDocument("page");
     const reply = await pages[0].evaluate(async (doc) => {
       const ws = new WebSocket(`ws://${location.host}/ws`);
@@ -138,14 +156,14 @@ test("deflate: Chromium negotiates permessage-deflate; echo, fan-out and publish
       assert.deepEqual(msg.data, second);
     }
 
-    // herald compressed what it sent (the echoes, the two big messages once each for both
-    // subscribers, the figures of the front pages) and inflated what Chromium sent compressed.
-    const after = deflateFigures(await herald.stats());
-    assert.ok(after.deflate_compressed >= 4, JSON.stringify(after));
-    assert.ok(after.deflate_not_compressed >= 1, JSON.stringify(after)); // "short", under min_size
-    assert.ok(after.deflate_compress_bytes_out * 3 < after.deflate_compress_bytes_in, JSON.stringify(after));
-    assert.ok(after.deflate_inflated >= 3, JSON.stringify(after)); // at least the text and binary echoes, the publish
-    assert.ok(after.deflate_inflate_bytes_out > 2 * after.deflate_inflate_bytes_in, JSON.stringify(after));
+    // herald inflated the page's publish, the one message it sent, and compressed the big
+    // message once for both subscribers; the short "published" reply went uncompressed.
+    const fromPage = difference(beforePage, deflateFigures(await herald.stats()));
+    assert.equal(fromPage.deflate_inflated, 1, JSON.stringify(fromPage));
+    assert.ok(fromPage.deflate_inflate_bytes_out > 2 * fromPage.deflate_inflate_bytes_in, JSON.stringify(fromPage));
+    assert.ok(fromPage.deflate_inflate_bytes_out >= JSON.stringify(second).length, JSON.stringify(fromPage));
+    assert.equal(fromPage.deflate_compressed, 1, JSON.stringify(fromPage));
+    assert.equal(fromPage.deflate_not_compressed, 1, JSON.stringify(fromPage));
 
     await screenshot(echo, "deflate-echo");
   }, { deflate: ["/ws", "/echo"] });

@@ -7,6 +7,7 @@
         a = herald_factory(limits={...})          # several brokers, or one started late
 
 A module may set HERALD_CONFIG = {...} for its module-scoped `herald_module` broker.
+`redis_server` is a redis-server of the test's own (redis_util.RedisServer), stopped afterwards.
 On teardown each broker gets SIGTERM and must exit 0 within a bounded time with no sanitizer
 report on its stderr.
 """
@@ -18,6 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from herald_util import Herald, herald_bin  # noqa: E402
+from redis_util import RedisServer  # noqa: E402
 
 
 def pytest_configure(config):
@@ -64,3 +66,11 @@ def herald_module(request, tmp_path_factory):
     h.start()
     yield h
     h.check_clean_exit()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    r = RedisServer(tmp_path / "redis")
+    r.start()
+    yield r
+    r.stop()

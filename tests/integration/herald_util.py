@@ -217,6 +217,43 @@ class Herald:
         with self._lock:
             return "".join(self.lines)
 
+    def log_mark(self):
+        """A mark in herald's stderr: wait_log(pattern, mark) looks only at what comes after."""
+        with self._lock:
+            return len(self.lines)
+
+    def wait_log(self, pattern, start=0, timeout=10.0):
+        """Wait (bounded) until a stderr line from the mark start on matches the regular
+        expression pattern; returns that line."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                lines = self.lines[start:]
+            for line in lines:
+                if rx.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError("herald logged no line matching %r; since the mark:\n%s"
+                                     % (pattern, "".join(lines)))
+            time.sleep(0.02)
+
+    def reload(self, **settings):
+        """Change settings (each replaces the one of that name, limits included; None removes
+        it), write the configuration, send SIGHUP and wait (bounded) until herald says it
+        reloaded. With no settings, the same configuration is read again (scripts included).
+        Returns the log mark from before the signal, to wait for what else the reload logs."""
+        for k, v in settings.items():
+            if v is None:
+                self.cfg.pop(k, None)
+            else:
+                self.cfg[k] = v
+        self.config_path.write_text(config_text(self.cfg))
+        mark = self.log_mark()
+        self.terminate(signal.SIGHUP)
+        self.wait_log("configuration reloaded", mark)
+        return mark
+
     @property
     def pid(self):
         return self.proc.pid
@@ -291,6 +328,22 @@ class Herald:
             time.sleep(0.02)
             s = self.stats()
         return s
+
+
+def script_stats(h, path):
+    """The /stats entry of the script route (or authorize script) on path."""
+    for s in h.stats()["scripts"]:
+        if s["path"] == path:
+            return s
+    raise AssertionError("no script stats for %s" % path)
+
+
+def line_of(path, text):
+    """The 1-based number of the first line of the file path that holds text."""
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if text in line:
+            return i
+    raise AssertionError("%r not in %s" % (text, path))
 
 
 # --- raw HTTP -----------------------------------------------------------------------------------
@@ -470,6 +523,14 @@ def handshake_request(port, path, key=None, extra=None, drop=(), method="GET", v
     text = "%s %s %s\r\n" % (method, path, version)
     text += "".join("%s: %s\r\n" % kv for kv in hdrs.items()) + "\r\n"
     return text.encode()
+
+
+def handshake_status(h, path, extra=None):
+    """Send a WebSocket handshake for path (extra: more headers) and return the Response: a
+    refusal's status and body, or the head of a 101 (the connection is closed then)."""
+    with RawHTTP(h.port) as c:
+        c.send(handshake_request(h.port, path, extra=extra))
+        return c.read_response()
 
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
@@ -780,36 +841,51 @@ async def http_async(server, method, path, body=None, headers=None):
 
 class EventStream:
     """A Server-Sent Events stream read from a raw socket: the response head, then events as dicts
-    of their fields (a field given on several lines is joined with newlines)."""
+    of their fields (a field given on several lines is joined with newlines). Every read is
+    bounded: a stream that sends only keepalive comments still times out."""
 
-    def __init__(self, port, target, headers=None):
-        self.sock = socket.create_connection((HOST, port), timeout=5)
+    def __init__(self, port, target, headers=None, timeout=10.0):
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
         extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items())
         self.sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (target, extra)).encode())
         self.buf = b""
+        deadline = time.monotonic() + timeout
         while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, "closed before the head: %r" % self.buf
-            self.buf += chunk
+            self._fill(deadline, "the response head")
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         self.head = head.decode()
         self.status = int(self.head.split()[1])
 
-    def next_block(self, timeout=5.0):
+    def _fill(self, deadline, what):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no %s in time; have %r" % (what, self.buf[:300]))
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError("no %s in time; have %r" % (what, self.buf[:300]))
+        assert chunk, "stream closed while waiting for %s; have %r" % (what, self.buf[:300])
+        self.buf += chunk
+
+    def next_block(self, timeout=10.0):
+        """The next block (the text up to a blank line): an event, a comment or a retry."""
         deadline = time.monotonic() + timeout
         while b"\n\n" not in self.buf:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = self.sock.recv(65536)
-            assert chunk, "stream closed"
-            self.buf += chunk
+            self._fill(deadline, "block")
         block, self.buf = self.buf.split(b"\n\n", 1)
         return block.decode()
 
-    def next_event(self, timeout=5.0):
-        """The next block with data (comments and retry skipped): {"id": ..., "data": ...}."""
+    def next_event(self, timeout=10.0):
+        """The next block with data (comments and retry skipped): {"id": ..., "data": ...}. One
+        deadline for all the blocks read, so comments cannot keep it waiting past timeout."""
+        deadline = time.monotonic() + timeout
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no event within %.1f s (comments or retry only)" % timeout)
             fields = {}
-            for line in self.next_block(timeout).split("\n"):
+            for line in self.next_block(left).split("\n"):
                 if line.startswith(":"):
                     continue
                 k, _, v = line.partition(": ")

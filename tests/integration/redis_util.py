@@ -198,6 +198,18 @@ class RedisServer:
             n = self.numsub(channel)
         assert n == want, "PUBSUB NUMSUB %s is %d, expected %d" % (channel, n, want)
 
+    def numpat(self):
+        with self.client() as c:
+            return c.command("PUBSUB", "NUMPAT")
+
+    def wait_numpat(self, want, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        n = self.numpat()
+        while n != want and time.monotonic() < deadline:
+            time.sleep(0.02)
+            n = self.numpat()
+        assert n == want, "PUBSUB NUMPAT is %d, expected %d" % (n, want)
+
     def __enter__(self):
         return self.start()
 
@@ -263,11 +275,16 @@ def redis_settings(server, **extra):
     return cfg
 
 
-def wait_log(herald, text, count=1, timeout=10.0):
-    """Wait until herald's stderr holds text at least count times (bounded)."""
-    deadline = time.monotonic() + timeout
-    while herald.stderr_text().count(text) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError("herald did not log %r %d time(s):\n%s"
-                                 % (text, count, herald.stderr_text()))
-        time.sleep(0.02)
+def mirror_node(herald_factory, server, redis=None, **overrides):
+    """A herald node in mirror mode on server, started by herald_factory and connected to Redis.
+    overrides: its configuration (limits are merged into a 16 MiB send queue); redis: more
+    settings for its redis table, over redis_settings' (presence_ttl, channels, reconnect_min,
+    ...)."""
+    limits = {"send_queue": 16 << 20}
+    limits.update(overrides.pop("limits", None) or {})
+    h = herald_factory(limits=limits, redis=redis_settings(server, mirror=True, **(redis or {})),
+                       **overrides)
+    s = h.wait_stats(lambda s: s["redis"]["connected"] and
+                     s["redis"]["mirror"]["state"] == "connected", 10)["redis"]
+    assert s["connected"] and s["mirror"]["enabled"] and s["mirror"]["state"] == "connected", s
+    return h

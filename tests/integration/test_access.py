@@ -1,5 +1,4 @@
 """TLS, origin allowlists, signed tokens and the per-client limits."""
-import asyncio
 import json
 import ssl
 import subprocess
@@ -8,10 +7,7 @@ import time
 import pytest
 import websockets
 
-from herald_util import HOST, JWT_SECRET, jwt_token, RawWS, free_port, herald_bin, Herald, OP_TEXT
-
-def run(coro, timeout=15):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+from herald_util import HOST, JWT_SECRET, jwt_token, RawWS, free_port, herald_bin, Herald, OP_TEXT, run
 
 
 async def open_status(url, **kw):

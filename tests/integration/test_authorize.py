@@ -3,16 +3,14 @@ handshakes and raw publishing, event streams), a script route's hook on client:s
 refusal figures, configuration errors and reloads (docs/lua.md, "authorize")."""
 import asyncio
 import json
-import os
 import re
-import signal
 import subprocess
-import time
 
 import pytest
 
-from herald_util import (REPO, OP_TEXT, RawHTTP, RawWS, config_text, herald_bin, make_config, recv,
-                         recv_json, request, run, ws_connect)
+from herald_util import (REPO, OP_TEXT, RawHTTP, RawWS, config_text, handshake_status, herald_bin,
+                         line_of, make_config, recv, recv_json, request, run, script_stats,
+                         ws_connect)
 
 SCRIPTS = REPO / "tests" / "scripts"
 AUTHZ = str(SCRIPTS / "authz.lua")
@@ -27,29 +25,6 @@ ROUTES = [
 ]
 
 HERALD_CONFIG = {"routes": ROUTES}
-
-
-def script_stats(h, path):
-    for s in h.stats()["scripts"]:
-        if s["path"] == path:
-            return s
-    raise AssertionError("no script stats for %s" % path)
-
-
-def handshake_status(h, path):
-    """The status line's code and the body of a WebSocket handshake on path."""
-    with RawHTTP(h.port) as c:
-        r = c.request("GET", path, headers={
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
-        return r.status, r.body.decode("utf-8", "replace")
-
-
-def line_of(path, text):
-    for i, line in enumerate(open(path).read().splitlines(), 1):
-        if text in line:
-            return i
-    raise AssertionError("%r not in %s" % (text, path))
 
 
 # --- the generic route ---------------------------------------------------------------------------
@@ -114,8 +89,8 @@ async def h_publish(h, channel, body):
 
 def test_subscribe_list_is_authorized_at_the_handshake(herald_module):
     h = herald_module
-    status, body = handshake_status(h, "/ws?subscribe=public:a,user:bob")
-    assert status == 403 and "user channels are for their user" in body
+    r = handshake_status(h, "/ws?subscribe=public:a,user:bob")
+    assert r.status == 403 and "user channels are for their user" in r.body.decode(), r
 
     async def main():
         async with ws_connect(h, "/ws?user=bob&subscribe=public:a,user:bob"):
@@ -124,18 +99,18 @@ def test_subscribe_list_is_authorized_at_the_handshake(herald_module):
 
 
 def test_open_hook_of_an_authorize_script_may_refuse(herald_module):
-    status, body = handshake_status(herald_module, "/ws?refuse=go%20away")
-    assert status == 403 and "go away" in body
+    r = handshake_status(herald_module, "/ws?refuse=go%20away")
+    assert r.status == 403 and "go away" in r.body.decode(), r
 
 
 # --- the raw route and event streams -----------------------------------------------------------------
 
 def test_raw_subscribe_and_publish_are_authorized(herald_module):
     h = herald_module
-    status, body = handshake_status(h, "/sub/secret")
-    assert status == 403 and "not allowed to subscribe to this channel" in body
-    status, body = handshake_status(h, "/sub/user:bob?user=ann")
-    assert status == 403 and "user channels are for their user" in body
+    r = handshake_status(h, "/sub/secret")
+    assert r.status == 403 and "not allowed to subscribe to this channel" in r.body.decode(), r
+    r = handshake_status(h, "/sub/user:bob?user=ann")
+    assert r.status == 403 and "user channels are for their user" in r.body.decode(), r
     with RawWS(h.port, "/sub/user:ann?user=ann") as mine, RawWS(h.port, "/sub/ro:x") as ro:
         mine.send_text("mine")
         assert mine.recv_message()[:2] == (OP_TEXT, b"mine")
@@ -178,8 +153,10 @@ def test_close_hook_runs_once_per_opened_client(herald_module):
     assert closed() == a + 3  # the first asker and the two others (each route has its own state)
     # refused handshakes never opened: no close hook for them
     for path in ("/ws?subscribe=secret", "/ws?refuse=no", "/ws?subscribe=public:a,fail:x"):
-        assert handshake_status(h, path)[0] == 403
-    time.sleep(0.2)
+        assert handshake_status(h, path).status == 403
+    # Asked once the broker has let them go (only the /stats connection is left).
+    s = h.wait_stats(lambda s: s["connections"] == 1)
+    assert s["connections"] == 1, s
     assert closed() == a + 4
 
 
@@ -284,16 +261,6 @@ def test_a_good_authorize_script_passes_the_check(tmp_path):
 
 # --- reloading ------------------------------------------------------------------------------------
 
-def reload(h, routes):
-    mark = len(h.lines)
-    h.config_path.write_text(config_text(dict(h.cfg, routes=routes)))
-    os.kill(h.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "configuration reloaded" not in "".join(h.lines[mark:]):
-        assert time.monotonic() < deadline, h.stderr_text()
-        time.sleep(0.02)
-
-
 def test_reload_adds_and_removes_the_script(herald_factory):
     plain = [{"path": "/ws", "kind": "pubsub"}]
     h = herald_factory(routes=plain)
@@ -301,13 +268,12 @@ def test_reload_adds_and_removes_the_script(herald_factory):
     async def main():
         async with ws_connect(h, "/ws") as ws:
             assert (await request(ws, {"op": "subscribe", "channel": "secret"}))["op"] == "subscribed"
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, reload, h, [dict(plain[0], authorize=AUTHZ)])
+            await asyncio.to_thread(h.reload, routes=[dict(plain[0], authorize=AUTHZ)])
             # a client from before the reload is policed too
             assert (await request(ws, {"op": "subscribe", "channel": "secret2"}))["op"] == "error"
             assert (await request(ws, {"op": "subscribe", "channel": "public:x"}))["op"] == "subscribed"
-            await loop.run_in_executor(None, reload, h, plain)
+            await asyncio.to_thread(h.reload, routes=plain)
             assert (await request(ws, {"op": "subscribe", "channel": "secret2"}))["op"] == "subscribed"
-            await loop.run_in_executor(None, reload, h, [dict(plain[0], authorize=AUTHZ)])
+            await asyncio.to_thread(h.reload, routes=[dict(plain[0], authorize=AUTHZ)])
             assert (await request(ws, {"op": "subscribe", "channel": "secret3"}))["op"] == "error"
     run(main())

@@ -386,12 +386,22 @@ def test_pubsub_compressed_publish(srv):
     async def go():
         async with ws_connect(srv, "/ws?subscribe=deflate-pub") as sub, \
                 ws_connect(srv, "/ws") as pub:
+            # websockets negotiated the extension, and so compresses what it sends.
+            assert pub.response_headers.get("Sec-WebSocket-Extensions") == PLAIN
+            before = srv.stats()
             data = {"text": text_of(4000).decode()}
-            await pub.send(json.dumps({"op": "publish", "channel": "deflate-pub", "data": data, "id": 1}))
+            request = json.dumps({"op": "publish", "channel": "deflate-pub", "data": data, "id": 1})
+            await pub.send(request)
             reply = json.loads(await recv(pub))
             assert reply["op"] == "published" and reply["id"] == 1
             msg = json.loads(await recv(sub))
             assert msg["data"] == data
+            after = srv.stats()
+            # The request came compressed: herald inflated that one message, to its full size.
+            assert after["deflate_inflated"] - before["deflate_inflated"] == 1
+            inflated = after["deflate_inflate_bytes_out"] - before["deflate_inflate_bytes_out"]
+            assert inflated == len(request.encode())
+            assert after["deflate_inflate_bytes_in"] - before["deflate_inflate_bytes_in"] < inflated / 4
     run(go())
 
 

@@ -2,16 +2,15 @@
 nicknames, who is here), draw (a late joiner gets the picture, clear, bounded history), logstream
 (parsed access-log fields, parsed once per line), countdown (10 .. 1 then BOOM!), dashboard (the
 broker's figures every second)."""
+import asyncio
 import json
-import os
-import signal
 import subprocess
 import time
 
 import pytest
 
-from herald_util import (REPO, RawHTTP, expect_silence, handshake_request, herald_bin, recv,
-                         recv_json, run, ws_connect)
+from herald_util import (REPO, expect_silence, handshake_status, herald_bin, recv, recv_json, run,
+                         script_stats, ws_connect)
 
 DEMO = REPO / "scripts"
 
@@ -32,20 +31,6 @@ def demo_routes():
 
 
 DEMO_CONFIG = dict(routes=demo_routes())
-
-
-def script_stats(h, path):
-    return next(s for s in h.stats()["scripts"] if s["path"] == path)
-
-
-def reload_and_wait(h):
-    with h._lock:
-        mark = len(h.lines)
-    os.kill(h.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "configuration reloaded" not in "".join(h.lines[mark:]):
-        assert time.monotonic() < deadline, "no reload in the log:\n" + h.stderr_text()
-        time.sleep(0.02)
 
 
 def test_demo_configuration_is_valid():
@@ -109,7 +94,7 @@ def test_chat_rooms_nicknames_and_who_is_here(herald):
         await expect_silence(carol, 0.2)
         await expect_silence(bob, 0.1)
         # who is here survives a reload of the script
-        reload_and_wait(herald)
+        await asyncio.to_thread(herald.reload)
         await carol.send(json.dumps({"type": "who"}))
         assert await recv_json(carol) == {"type": "who", "nicks": ["carol"]}
         await bob.send(json.dumps({"type": "who"}))
@@ -136,10 +121,8 @@ def test_chat_names(herald):
         async with ws_connect(herald, "/chat?room=anon") as ws:
             assert (await recv_json(ws))["nick"].startswith("guest-")
     run(main())
-    with RawHTTP(herald.port) as c:
-        c.send(handshake_request(herald.port, "/chat?room=no%20spaces"))
-        r = c.read_response()
-        assert r.status == 403 and b"room names" in r.body
+    r = handshake_status(herald, "/chat?room=no%20spaces")
+    assert r.status == 403 and b"room names" in r.body
 
 
 # --- draw ----------------------------------------------------------------------------------------
@@ -181,7 +164,7 @@ def test_draw_late_joiner_gets_the_picture(herald):
             assert (await recv_json(a))["type"] == "error"
         await expect_silence(b, 0.2)
         # the picture survives a reload
-        reload_and_wait(herald)
+        await asyncio.to_thread(herald.reload)
         async with ws_connect(herald, "/draw?room=r1") as c:
             assert (await recv_json(c))["strokes"] == 4
         # clear: everyone is told, and a new joiner gets an empty canvas
@@ -248,9 +231,7 @@ def test_logstream_parses_each_line_once(herald):
         for ws in watchers:
             await ws.close()
     run(main())
-    with RawHTTP(herald.port) as c:
-        c.send(handshake_request(herald.port, "/log?channel=secrets"))
-        assert c.read_response().status == 403
+    assert handshake_status(herald, "/log?channel=secrets").status == 403
 
 
 @pytest.mark.herald(routes=demo_routes(), access_log="access.log",
@@ -287,9 +268,11 @@ def test_countdown_ends_with_boom(herald):
     async def main():
         async with ws_connect(herald, "/countdown") as ws:
             got, gaps = await count(ws)
+            # Each within recv's 3 s (the pauses are under a second: not timed on this clock).
             assert got == [str(n) for n in range(10, 0, -1)] + ["BOOM!"]
-            assert all(g < 1.2 for g in gaps), gaps  # under a second each, with some slack
-            assert len(set(round(g, 2) for g in gaps)) > 1, gaps  # random, not a fixed beat
+            # Random pauses of 0.05 to 0.95 s, not a fixed beat: ten of them spread wider than
+            # 0.2 s but once in about 95,000 counts.
+            assert max(gaps) - min(gaps) > 0.2, gaps
             await expect_silence(ws, 0.3)
             await ws.send("again")
             got, _ = await count(ws)
@@ -329,8 +312,9 @@ def test_dashboard_publishes_figures_every_second(herald):
             # other routes can read the same channel
             while json.loads(await recv(raw, 3))["time"] < m["time"]:
                 pass
-            t0 = time.monotonic()
-            await recv_json(ws, 3)
-            assert time.monotonic() - t0 < 1.5  # about once a second
+            # About once a second, by the broker's clock (the "time" of each set, in ms).
+            times = [m["time"]] + [(await recv_json(ws, 3))["time"] for _ in range(3)]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert all(500 <= g <= 2000 for g in gaps), gaps
     run(main(), timeout=60)
     assert script_stats(herald, "/dashboard")["errors"] == 0

@@ -1,15 +1,12 @@
 """History and resume: a client that comes back with its last seq gets exactly what it missed."""
-import asyncio
 import json
 
 import pytest
 import websockets
 
+from herald_util import run
+
 HISTORY = [{"prefix": "h:", "length": 1500, "age": 600}, {"prefix": "short:", "length": 10, "age": 600}]
-
-
-def run(coro, timeout=30):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def subscribe(ws, channel, **extra):

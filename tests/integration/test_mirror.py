@@ -5,30 +5,8 @@ import asyncio
 import json
 import time
 
-import pytest
-
 from herald_util import expect_silence, http_async, recv, recv_json, request, run, ws_connect
-from redis_util import RedisServer, SteadyPublisher, redis_settings
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    r = RedisServer(tmp_path / "redis")
-    r.start()
-    yield r
-    r.stop()
-
-
-def mirror_node(herald_factory, redis_server, **kw):
-    extra = dict(kw)
-    overrides = {"limits": {"send_queue": 16 << 20}}
-    if "tail" in extra:
-        overrides["tail"] = extra.pop("tail")
-    overrides["redis"] = redis_settings(redis_server, mirror=True, **extra)
-    h = herald_factory(**overrides)
-    s = h.wait_stats(lambda s: s["redis"]["connected"], 10)["redis"]
-    assert s["connected"] and s["mirror"]["enabled"] and s["mirror"]["state"] == "connected", s
-    return h
+from redis_util import SteadyPublisher, mirror_node
 
 
 def test_two_nodes_deliver_every_message_once_in_order(herald_factory, redis_server):
@@ -84,9 +62,9 @@ def test_two_nodes_deliver_every_message_once_in_order(herald_factory, redis_ser
 def test_http_tail_and_backend_messages_cross_nodes(herald_factory, redis_server, tmp_path):
     log = tmp_path / "a.log"
     log.write_text("")
-    a = mirror_node(herald_factory, redis_server, channels=["backend"],
+    a = mirror_node(herald_factory, redis_server, redis={"channels": ["backend"]},
                     tail=[{"path": str(log), "channel": "lines"}])
-    b = mirror_node(herald_factory, redis_server, channels=["backend"])
+    b = mirror_node(herald_factory, redis_server, redis={"channels": ["backend"]})
 
     async def main():
         async with ws_connect(b, "/ws?subscribe=http,lines,backend") as ws_b, \
@@ -125,7 +103,8 @@ def test_http_tail_and_backend_messages_cross_nodes(herald_factory, redis_server
 
 
 def test_redis_subscriptions_follow_local_subscribers(herald_factory, redis_server):
-    a = mirror_node(herald_factory, redis_server, channels=["cfg"], patterns=["pat.*"])
+    a = mirror_node(herald_factory, redis_server,
+                    redis={"channels": ["cfg"], "patterns": ["pat.*"]})
     a.wait_stats(lambda s: s["redis"]["subscriptions"] == 2)
     assert redis_server.channels() == ["cfg"]
 
@@ -167,8 +146,8 @@ def test_redis_subscriptions_follow_local_subscribers(herald_factory, redis_serv
 
 
 def test_two_nodes_survive_redis_restart(herald_factory, redis_server):
-    a = mirror_node(herald_factory, redis_server, channels=["news"])
-    b = mirror_node(herald_factory, redis_server, channels=["news"])
+    a = mirror_node(herald_factory, redis_server, redis={"channels": ["news"]})
+    b = mirror_node(herald_factory, redis_server, redis={"channels": ["news"]})
 
     async def main():
         async with ws_connect(a, "/sub/news") as sa, ws_connect(b, "/sub/news") as sb, \
@@ -220,7 +199,7 @@ def test_pattern_coverage_agrees_with_redis(herald_factory, redis_server):
     # those): its glob matching has to agree with Redis's, quirks included. PUBLISH's reply counts
     # deliveries to herald's connection: 1 means neither lost nor doubled.
     patterns = ["q[a-c]?", "r\\*x", "s[^x]y", "t*", "u?v*w", "[z-x]y", "v[a\\]]", "w[b-"]
-    a = mirror_node(herald_factory, redis_server, patterns=patterns)
+    a = mirror_node(herald_factory, redis_server, redis={"patterns": patterns})
     a.wait_stats(lambda s: s["redis"]["subscriptions"] == len(patterns))
     # Some are matched by a pattern, some not (and so subscribed on their own).
     channels = ["qa1", "qd1", "qc", "rax", "r/x", "s1y", "sxy", "t", "tfoo", "u1v2w", "uvw", "u1vw",

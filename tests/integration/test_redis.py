@@ -4,21 +4,10 @@ in order; the connection survives Redis going away (reconnect with backoff, resu
 import asyncio
 import json
 import re
-import signal
 import time
 
-import pytest
-
-from herald_util import config_text, expect_silence, recv, recv_json, request, run, ws_connect
-from redis_util import RedisServer, SteadyPublisher, redis_settings, wait_log
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    r = RedisServer(tmp_path / "redis")
-    r.start()
-    yield r
-    r.stop()
+from herald_util import expect_silence, recv, recv_json, request, run, ws_connect
+from redis_util import RedisServer, SteadyPublisher, redis_settings
 
 
 def wait_ready(h, subscriptions, timeout=10.0):
@@ -32,7 +21,7 @@ def wait_ready(h, subscriptions, timeout=10.0):
 def test_channels_and_patterns_reach_subscribers_in_order(herald_factory, redis_server):
     h = herald_factory(redis=redis_settings(redis_server, channels=["news", "alerts"],
                                             patterns=["metrics.*"]))
-    wait_log(h, "redis: connected")
+    h.wait_log("redis: connected")
     wait_ready(h, 3)
     assert redis_server.channels() == ["alerts", "news"]
     channels = ["news", "metrics.cpu", "metrics.mem"]
@@ -183,7 +172,7 @@ def test_reconnects_and_resubscribes_when_redis_restarts(herald_factory, redis_s
 def test_starts_without_redis_and_connects_when_it_appears(herald_factory, tmp_path):
     r = RedisServer(tmp_path / "late")
     h = herald_factory(redis=redis_settings(r, channels=["late"]))
-    wait_log(h, "redis: cannot connect")
+    h.wait_log("redis: cannot connect")
     s = h.stats()["redis"]
     assert s["configured"] and not s["connected"] and s["last_error"], s
     assert h.request("GET", "/stats").status == 200
@@ -227,7 +216,7 @@ def test_password_database_and_unix_socket(herald_factory, tmp_path):
         bad = herald_factory(redis={"host": "127.0.0.1", "port": r.port, "password": "wrong",
                                     "channels": ["sock"], "reconnect_min": 0.05,
                                     "reconnect_max": 0.1})
-        wait_log(bad, "AUTH failed")
+        bad.wait_log("AUTH failed")
         with r.client() as c:
             before = int(re.search(rb"total_connections_received:(\d+)",
                                    c.command("INFO", "stats")).group(1))
@@ -247,20 +236,14 @@ def test_password_database_and_unix_socket(herald_factory, tmp_path):
 def test_reload_changes_channels_without_reconnecting(herald_factory, redis_server):
     h = herald_factory(redis=redis_settings(redis_server, channels=["one"]))
     wait_ready(h, 1)
-    h.cfg["redis"] = redis_settings(redis_server, channels=["two", "three"])
-    h.config_path.write_text(config_text(h.cfg))
-    h.terminate(signal.SIGHUP)
-    wait_log(h, "configuration reloaded")
+    h.reload(redis=redis_settings(redis_server, channels=["two", "three"]))
     wait_ready(h, 2)
     assert redis_server.channels() == ["three", "two"]
     assert h.stats()["redis"]["reconnects"] == 0
     assert "redis: connected" in h.stderr_text() and h.stderr_text().count("redis: connected") == 1
 
     # Removing the source closes the connection; /stats still reports it, as off.
-    h.cfg["redis"] = None
-    h.config_path.write_text(config_text({k: v for k, v in h.cfg.items() if v is not None}))
-    h.terminate(signal.SIGHUP)
-    wait_log(h, "configuration reloaded", 2)
+    h.reload(redis=None)
     s = h.stats()["redis"]
     assert s == dict(s, configured=False, connected=False, state="off")
     redis_server.wait_numsub("two", 0)

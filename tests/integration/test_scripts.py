@@ -11,13 +11,12 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import websockets
 
-from herald_util import (REPO, RawHTTP, RawWS, expect_silence, handshake_request, herald_bin, recv,
-                         recv_json, run, ws_connect)
+from herald_util import (REPO, RawWS, expect_silence, handshake_status, herald_bin, line_of, recv,
+                         recv_json, run, script_stats, ws_connect)
 
 SCRIPTS = REPO / "tests" / "scripts"
 PROBE = SCRIPTS / "probe.lua"
@@ -35,52 +34,11 @@ def routes(*extra):
 PROBE_CONFIG = dict(routes=routes())
 
 
-def line_of(path, text):
-    """The 1-based line of the first line of path holding text."""
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if text in line:
-            return i
-    raise AssertionError("%r not in %s" % (text, path))
-
-
-def script_stats(h, path="/probe"):
-    for s in h.stats()["scripts"]:
-        if s["path"] == path:
-            return s
-    raise AssertionError("no script stats for %s" % path)
-
-
 def route_stats(h, path):
     for r in h.stats()["routes"]:
         if r["path"] == path:
             return r
     raise AssertionError("no route stats for %s" % path)
-
-
-def wait_log(h, pattern, start=0, timeout=10.0):
-    """Wait (bounded) until a stderr line from index start on matches pattern; returns it."""
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        with h._lock:
-            lines = list(h.lines[start:])
-        for line in lines:
-            if rx.search(line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError("no log line matching %r in:\n%s" % (pattern, "".join(lines)))
-        time.sleep(0.02)
-
-
-def log_mark(h):
-    with h._lock:
-        return len(h.lines)
-
-
-def handshake_status(h, path, extra=None):
-    with RawHTTP(h.port) as c:
-        c.send(handshake_request(h.port, path, extra=extra))
-        return c.read_response()
 
 
 async def open_probe(h, query="", **kw):
@@ -131,7 +89,7 @@ def test_open_gets_client_and_request(herald):
             assert o2["id"] != o["id"]
             assert o2["query"] == {}
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["calls"]["open"] == 2 and s["errors"] == 0
 
 
@@ -150,7 +108,7 @@ def test_message_gets_data_and_type(herald):
             assert await recv_json(ws) == {"hook": "message", "length": len(blob), "is_binary": True}
             assert await recv(ws) == blob
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["calls"]["message"] == 4
     assert route_stats(herald, "/probe")["messages"] == 4
 
@@ -187,18 +145,18 @@ def test_close_gets_code_and_reason_once(herald):
             assert ws.close_code == 4002 and ws.close_reason == "done"
             await expect_silence(watch, 0.3)
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["calls"]["close"] == 5  # four clients and the watcher, each once
     assert s["clients"] == 0 and s["errors"] == 0
 
 
 @pytest.mark.herald(**PROBE_CONFIG)
 def test_open_can_refuse(herald):
-    before = script_stats(herald)
+    before = script_stats(herald, "/probe")
     r = handshake_status(herald, "/probe?refuse=not%20welcome%20here")
     assert r.status == 403
     assert b"not welcome here" in r.body
-    after = script_stats(herald)
+    after = script_stats(herald, "/probe")
     assert after["calls"]["open"] == before["calls"]["open"] + 1
     assert after["calls"]["close"] == before["calls"]["close"]  # never opened, never closed
     assert after["clients"] == 0 and after["errors"] == 0
@@ -259,7 +217,7 @@ def test_deliver_transforms_and_drops(herald):
             herald.publish("plain", "last")
             assert await recv(ws) == "last"
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["deliver_dropped"] == 1
     assert s["errors"] == 0
 
@@ -317,7 +275,7 @@ def test_timers_fire_repeat_and_cancel(herald):
             await ws.send("!everyerror")
             assert await recv_json(ws) == {"every_error_runs": 3}
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["timers"] == 0
     assert s["calls"]["timer"] == 8
     assert s["errors"] == 3
@@ -330,60 +288,60 @@ def test_error_in_each_hook_is_contained_logged_and_counted(herald):
     src = str(PROBE)
 
     def expect_error(hook, text, start):
-        line = wait_log(herald, re.escape(text), start)
+        line = herald.wait_log(re.escape(text), start)
         assert "warn" in line and "/probe" in line and ("in %s:" % hook) in line, line
         assert "probe.lua:%d: %s" % (line_of(src, text), text) in line, line
 
     async def main():
         # open: the handshake fails with 500; the connection and the broker go on
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         r = handshake_status(herald, "/probe?fail=open")
         assert r.status == 500
         expect_error("open", "open failed on purpose", mark)
         watch, _ = await open_probe(herald, "?watch=1")
         ws, _ = await open_probe(herald, "?failclose=1")
         # message: the client stays connected
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.send("!error")
         expect_error("message", "message failed on purpose", mark)
         await ws.send("hi")
         assert (await recv_json(ws))["data"] == "hi"
         # an error that is not a string still has a place
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.send("!errortable")
-        line = wait_log(herald, r"error object is a table value", mark)
+        line = herald.wait_log(r"error object is a table value", mark)
         assert "probe.lua:%d:" % line_of(src, "function commands.errortable") in line
         # deliver: the message is dropped for this route only
         for ch in ("fail", "plain"):
             await ws.send("!sub " + ch)
             await recv_json(ws)
         async with ws_connect(herald, "/sub/fail") as raw:
-            mark = log_mark(herald)
+            mark = herald.log_mark()
             herald.publish("fail", "boom")
             assert await recv(raw) == "boom"  # other routes still get it
             expect_error("deliver", "deliver failed on purpose", mark)
             herald.publish("plain", "next")
             assert await recv(ws) == "next"
         # timer
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.send("!timererror")
         expect_error("timer", "timer failed on purpose", mark)
         assert await recv_json(ws) == {"timer": "still alive"}
         # close
-        mark = log_mark(herald)
+        mark = herald.log_mark()
         await ws.close()
         ev = await recv_json(watch)
         assert ev["hook"] == "close"
         expect_error("close", "close failed on purpose", mark)
         # a script cannot end the broker
         await watch.send("!exit")
-        wait_log(herald, "os.exit is not available", mark)
+        herald.wait_log("os.exit is not available", mark)
         await watch.send("hi")
         assert (await recv_json(watch))["data"] == "hi"
         await still_serving(herald)
         await watch.close()
     run(main())
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["errors"] == 7
     assert "os.exit is not available" in s["last_error"]
     assert herald.metrics().count('herald_script_errors_total{path="/probe"} 7') == 1
@@ -394,10 +352,10 @@ def test_endless_loop_is_stopped_and_counted(herald):
     async def main():
         async with probe(herald) as (ws, _):
             for cmd in ("!loop", "!pcallloop"):
-                mark = log_mark(herald)
+                mark = herald.log_mark()
                 t0 = time.monotonic()
                 await ws.send(cmd)
-                line = wait_log(herald, "script stopped", mark, timeout=30)
+                line = herald.wait_log("script stopped", mark, timeout=30)
                 assert "probe.lua:" in line and "in message" in line
                 assert time.monotonic() - t0 < 20
                 await ws.send("still here?")  # the client stays connected and served
@@ -407,9 +365,9 @@ def test_endless_loop_is_stopped_and_counted(herald):
             await recv_json(ws)
             await ws.send("!sub plain")
             await recv_json(ws)
-            mark = log_mark(herald)
+            mark = herald.log_mark()
             herald.publish("loop", "x")
-            wait_log(herald, "in deliver: .*script stopped", mark, timeout=30)
+            herald.wait_log("in deliver: .*script stopped", mark, timeout=30)
             herald.publish("plain", "after the loop")
             assert await recv(ws, 30) == "after the loop"
         # in open: the handshake fails
@@ -417,7 +375,7 @@ def test_endless_loop_is_stopped_and_counted(herald):
         assert r.status == 500
         await still_serving(herald)
     run(main(), timeout=120)
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["runaway"] == 4
     assert s["errors"] == 4
 
@@ -427,14 +385,14 @@ def test_memory_is_bounded(herald):
     async def main():
         async with probe(herald) as (ws, _):
             for cmd in ("!alloc", "!bigstring"):
-                mark = log_mark(herald)
+                mark = herald.log_mark()
                 await ws.send(cmd)
-                line = wait_log(herald, "memory", mark, timeout=30)
+                line = herald.wait_log("memory", mark, timeout=30)
                 assert "in message" in line and "probe.lua" in line
                 await ws.send("fine again")
                 assert (await recv_json(ws, 30))["data"] == "fine again"
     run(main(), timeout=120)
-    s = script_stats(herald)
+    s = script_stats(herald, "/probe")
     assert s["memory_errors"] == 2 and s["errors"] == 2
     assert s["memory_peak"] <= s["memory_limit"] == 64 << 20
     assert s["memory"] < 8 << 20  # the garbage was collected
@@ -450,7 +408,7 @@ def test_publish_and_channel_info(herald):
                 ws_connect(herald, "/ws?subscribe=tbl") as generic:
             await a.send("!pub plain hello")
             m = await recv_json(a)
-            assert m["subscribers"] == 1 and m["seq"] >= 1
+            assert m["subscribers"] == 1 and m["seq"] == 1  # a fresh broker: the first
             assert await recv(b) == "hello"
             await a.send("!channel plain")
             assert await recv_json(a) == {"subscribers": 1, "seq": m["seq"]}
@@ -493,13 +451,13 @@ def test_module_helpers_and_client_fields(herald):
             await ws.send("!badclose")
             m = await recv_json(ws)
             assert m["ok"] is False and "1005" in m["err"]
-            mark = log_mark(herald)
+            mark = herald.log_mark()
             await ws.send("!log warn")
             assert await recv_json(ws) == {"logged": "warn"}
-            assert "warn: script /probe: probe says 42 true" in wait_log(herald, "probe says", mark)
+            assert "warn: script /probe: probe says 42 true" in herald.wait_log("probe says", mark)
             await ws.send("!print")
             await recv_json(ws)
-            assert "info: script /probe: printed by probe" in wait_log(herald, "printed by", mark)
+            assert "info: script /probe: printed by probe" in herald.wait_log("printed by", mark)
     run(main())
 
 
@@ -516,7 +474,7 @@ def test_client_object_outlives_its_connection_harmlessly(herald):
                                           "close": [None, "closed"], "connected": False,
                                           "data": "gone"}
     run(main())
-    assert script_stats(herald)["errors"] == 0
+    assert script_stats(herald, "/probe")["errors"] == 0
 
 
 @pytest.mark.herald(**PROBE_CONFIG)
@@ -596,13 +554,6 @@ def reload_script(version, broken=False):
     return text
 
 
-def sighup_and_wait(h, pattern, start=None):
-    mark = log_mark(h) if start is None else start
-    os.kill(h.pid, signal.SIGHUP)
-    wait_log(h, "configuration reloaded", mark)
-    return wait_log(h, pattern, mark)
-
-
 def reload_routes(tmp_path):
     path = tmp_path / "reload.lua"
     path.write_text(reload_script("v1"))
@@ -619,7 +570,7 @@ def test_reload_keeps_connections_data_and_state(herald_factory, tmp_path):
             assert await recv(ws) == "v1 who joined=v1 loads=1"
             assert await recv(ticks) == "v1"
             path.write_text(reload_script("v2"))
-            sighup_and_wait(h, r"script .*reload\.lua reloaded on route /reload")
+            h.wait_log(r"script .*reload\.lua reloaded on route /reload", h.reload())
             await ws.send("who")
             # the new hooks serve the old connection, whose client.data survived, as did herald.state
             assert await recv(ws) == "v2 who joined=v1 loads=2"
@@ -644,7 +595,7 @@ def test_reload_with_a_broken_script_keeps_the_old_one(herald_factory, tmp_path)
                                   (reload_script("v2").replace("return {", "error('no, not now')\nreturn {"),
                                    r"reload\.lua:\d+: no, not now")):
                 path.write_text(text)
-                line = sighup_and_wait(h, problem)
+                line = h.wait_log(problem, h.reload())
                 assert "error" in line and "keeps running the previous version" in line, line
                 await ws.send("still")
                 assert await recv(ws) == "v1 still joined=v1 loads=1"
@@ -659,7 +610,7 @@ def test_reload_with_a_broken_script_keeps_the_old_one(herald_factory, tmp_path)
             assert s["load_errors"] == 2 and s["reloads"] == 0 and s["timers"] == 1
             assert "no, not now" in s["last_error"]
             path.write_text(reload_script("v3"))
-            sighup_and_wait(h, r"reloaded on route /reload")
+            h.wait_log(r"reloaded on route /reload", h.reload())
             await ws.send("fixed")
             assert await recv(ws) == "v3 fixed joined=v1 loads=3"
     run(main())
@@ -687,15 +638,14 @@ def test_reload_under_traffic_with_200_clients(herald_factory, tmp_path):
                 assert (await recv_json(pub))["op"] == "published"
 
             n = 0
-            mark = log_mark(h)
+            mark = h.log_mark()
             for _ in range(before_reload):
                 n += 1
                 await publish(n)
                 if n == before_reload // 2:
                     path.write_text(reload_script("v2"))
                     os.kill(h.pid, signal.SIGHUP)  # and keep publishing while it reloads
-            await asyncio.get_running_loop().run_in_executor(
-                None, wait_log, h, "reloaded on route /reload", mark)
+            await asyncio.to_thread(h.wait_log, "reloaded on route /reload", mark)
             for _ in range(after_reload):
                 n += 1
                 await publish(n)
@@ -716,7 +666,9 @@ def test_reload_under_traffic_with_200_clients(herald_factory, tmp_path):
             assert before_reload // 2 <= first_v2 <= before_reload
         for t in readers:
             t.cancel()
+        # A client from before the reload is served by the new hooks, with its data kept.
         await clients[0].send("check")
+        assert await recv(clients[0]) == "v2 check joined=v1 loads=2"
         assert h.stats()["websockets"] == n_clients
         await asyncio.gather(*(ws.close() for ws in clients), return_exceptions=True)
 
