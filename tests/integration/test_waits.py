@@ -6,29 +6,16 @@ import signal
 import socket
 import time
 
-import pytest
-
 from herald_util import HOST, DEFAULT_ROUTES, OP_PING, OP_PONG, RawHTTP, RawWS, encode_frame, \
     handshake_request, parse_server_frame
-from redis_util import RedisServer, redis_settings, wait_log
+from redis_util import mirror_node
 
 HISTORY = [{"prefix": "h:", "length": 100, "age": 600}]
 ROUTES = DEFAULT_ROUTES + [{"path": "/sse/", "kind": "sse"}]
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    r = RedisServer(tmp_path / "redis")
-    r.start()
-    yield r
-    r.stop()
-
-
 def node(herald_factory, redis_server, **limits):
-    h = herald_factory(routes=ROUTES, history=HISTORY, limits=limits,
-                       redis=redis_settings(redis_server, mirror=True))
-    h.wait_stats(lambda s: s["redis"]["connected"], 10)
-    return h
+    return mirror_node(herald_factory, redis_server, routes=ROUTES, history=HISTORY, limits=limits)
 
 
 def read_until(sock, buf, done, timeout=10.0):
@@ -173,13 +160,12 @@ return {
   end,
 }
 """)
-    h = herald_factory(routes=ROUTES + [{"path": "/lua", "script": str(script)}], history=HISTORY,
-                       redis=redis_settings(redis_server, mirror=True))
-    h.wait_stats(lambda s: s["redis"]["connected"], 10)
+    h = mirror_node(herald_factory, redis_server, history=HISTORY,
+                    routes=ROUTES + [{"path": "/lua", "script": str(script)}])
     with RawWS(h.port, "/lua") as ws:
         ws.send_text("x")
         assert ws.recv_message()[1] == b"pending"
-        wait_log(h, "script error on route /lua, in done: ")
+        h.wait_log("script error on route /lua, in done: ")
         assert "done got 1" in h.stderr_text()
     s = [x for x in h.stats()["scripts"] if x["path"] == "/lua"][0]
     assert s["calls"]["done"] == 1 and s["calls"]["timer"] == 0 and s["errors"] == 1, s
