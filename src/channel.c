@@ -98,6 +98,7 @@ struct history {
     uint32_t cap, head, count; /* head: the oldest entry */
     uint32_t length;           /* the rule's: what cap grows up to */
     double age;
+    char epoch[CHAN_EPOCH_MAX + 1]; /* what its seqs are counted in, see hist_new */
 };
 
 #define HIST_MIN_CAP 8
@@ -345,9 +346,14 @@ static const struct config_history *rule_for(const char *name, size_t len)
  * publish or subscription. */
 static struct history *hist_new(size_t length, double age)
 {
+    /* Each history has an epoch of its own, this process's and a number: a channel forgotten and
+     * made again counts from 1 again, and a client resuming from before must be told so, not be
+     * given the new channel's messages as if they followed. */
+    static uint32_t made;
     struct history *h = xcalloc(1, sizeof(*h));
     h->length = (uint32_t)length;
     h->age = age;
+    snprintf(h->epoch, sizeof(h->epoch), "%s%08x", chan_epoch(), ++made);
     return h;
 }
 
@@ -547,6 +553,16 @@ static struct chan *chan_lookup(const char *name, size_t len, int create)
     return ch;
 }
 
+static const char *epoch_of(const struct chan *ch)
+{
+    return ch && ch->hist ? ch->hist->epoch : chan_epoch();
+}
+
+const char *chan_epoch_of(const char *name, size_t len)
+{
+    return epoch_of(chan_lookup(name, len, 0));
+}
+
 static void chan_free(struct chan *ch)
 {
     struct chan **pp = &table[ch->hash & (table_size - 1)];
@@ -637,6 +653,8 @@ uint64_t chan_publish(struct chan_msg *m, size_t *subscribers)
             return 0;
         }
         m->seq = ++ch->seq;
+        if (ch->hist)
+            m->epoch = ch->hist->epoch;
     }
     stats.messages_in++;
     if (ch->hist && !m->numbered)
@@ -931,7 +949,7 @@ int chan_subscribe_from(struct conn *c, const char *name, size_t len, int64_t si
     now->seq = ch->seq;
     if (ch->hist || ch->rs) {
         uint64_t last;
-        now->epoch = chan_epoch();
+        now->epoch = epoch_of(ch);
         if (since >= 0)
             now->recovered = ch->hist ? chan_recover(name, len, (uint64_t)since, ep, ep_len, &last) : 0;
     }
@@ -1061,7 +1079,7 @@ int chan_recover(const char *name, size_t len, uint64_t since, const char *ep, s
     if (!ch || !ch->hist)
         return -1;
     hist_expire(ch->hist, ev_time());
-    const char *mine = chan_epoch();
+    const char *mine = ch->hist->epoch;
     if (!ep || ep_len != strlen(mine) || memcmp(ep, mine, ep_len) != 0 || since > ch->seq)
         return 0;
     if (since == ch->seq)
@@ -1101,7 +1119,7 @@ void chan_replay(struct conn *c, const char *name, size_t len, uint64_t since)
             continue;
         struct chan_msg m = {.channel = ch->name, .channel_len = ch->name_len, .data = e->data->data,
                              .len = e->data->len, .is_json = e->is_json, .utf8 = -1, .json = -1,
-                             .seq = e->seq};
+                             .seq = e->seq, .epoch = h->epoch};
         send_past(c, &m);
     }
 }
@@ -1523,7 +1541,7 @@ static int join_start(struct chan *ch, struct sub *s, int64_t since, const char 
 /* Answer j as if the channel were numbered here (the observer went). */
 static void join_local(struct chan *ch, struct chan_join *j)
 {
-    snprintf(j->epoch, sizeof(j->epoch), "%s", chan_epoch());
+    snprintf(j->epoch, sizeof(j->epoch), "%s", epoch_of(ch));
     j->last = ch->seq;
     j->marked = 1;
     if (j->answered || !j->done) {

@@ -129,6 +129,9 @@ struct config_history;
 void chan_set_history(const struct config_history *rules, size_t n);
 /* This process's epoch: seqs are only comparable within one. */
 const char *chan_epoch(void);
+/* The epoch a channel's seqs are counted in: its history's own (made with the history, so that a
+ * channel forgotten and made again is told apart), or, for a channel without, this process's. */
+const char *chan_epoch_of(const char *name, size_t len);
 /* Can a client that saw channel up to seq `since` in epoch ep be given everything after it?
  * Returns 1 (yes), 0 (no: the history does not reach back, or another epoch), or -1 (the channel
  * keeps no history). *last_seq gets the channel's last seq. */

@@ -252,7 +252,7 @@ static int builtin_accept(struct route *r, struct conn *c, const struct http_req
         if (chan_numbered_elsewhere(name, len))
             return 0; /* answered in the 101 once Redis has said where the channel is */
         if (recovered != -1 && (recovered != -2 || chan_recover(name, len, 0, NULL, 0, &last) >= 0)) {
-            buf_printf(headers, "X-Herald-Epoch: %s\r\nX-Herald-Seq: %llu\r\n", chan_epoch(),
+            buf_printf(headers, "X-Herald-Epoch: %s\r\nX-Herald-Seq: %llu\r\n", chan_epoch_of(name, len),
                        (unsigned long long)last);
             if (recovered >= 0)
                 buf_printf(headers, "X-Herald-Recovered: %s\r\n", recovered ? "true" : "false");

@@ -788,6 +788,17 @@ class RawWS:
 
 # --- asyncio / websockets -----------------------------------------------------------------------
 
+def wait_for(pred, timeout=5.0, step=0.02):
+    """Poll pred until it holds (True) or timeout seconds pass (False): for states the broker
+    reaches on a timer, with no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
 def run(coro, timeout=60):
     """Run a coroutine to completion with an overall bound."""
     return asyncio.run(asyncio.wait_for(coro, timeout))

@@ -4,7 +4,7 @@ import json
 import pytest
 import websockets
 
-from herald_util import run
+from herald_util import run, wait_for
 
 HISTORY = [{"prefix": "h:", "length": 1500, "age": 600}, {"prefix": "short:", "length": 10, "age": 600}]
 
@@ -86,13 +86,41 @@ def test_resume_after_restart_is_not_recovered(herald_factory):
     run(after())
 
 
+@pytest.mark.herald(history=[{"prefix": "gone:", "length": 10, "age": 0}], limits={"channel_ttl": 0})
+def test_resume_into_a_channel_forgotten_and_made_again_is_not_recovered(herald):
+    """A channel nobody holds is forgotten; made again, it counts from 1 again, so a client coming
+    back with a seq from before must be told to reload, not be given the new seqs as a sequel."""
+    url = herald.ws_url("/ws")
+
+    async def before():
+        await publish_many(url, "gone:x", 3)
+        async with websockets.connect(url) as ws:
+            return (await subscribe(ws, "gone:x"))["epoch"]
+    epoch = run(before())
+    assert wait_for(lambda: herald.stats()["channels"] == 0, timeout=10)
+
+    async def after():
+        await publish_many(url, "gone:x", 2)
+        async with websockets.connect(url) as ws:
+            reply = await subscribe(ws, "gone:x", since=2, epoch=epoch)
+            assert reply["recovered"] is False and reply["seq"] == 2 and reply["epoch"] != epoch
+            again = await subscribe(ws, "gone:y", since=0, epoch=reply["epoch"])
+            assert again["recovered"] is False  # another channel's epoch is not this one's
+    run(after())
+
+
 @pytest.mark.herald(history=HISTORY)
 def test_raw_route_resume(herald):
     for i in range(5):
         assert herald.publish("h:raw", b"m%d" % i).status == 200
-    epoch = herald.stats()["epoch"]
 
     async def go():
+        async with websockets.connect(herald.ws_url("/sub/h:raw")) as s:
+            epoch = s.response_headers["X-Herald-Epoch"]
+            assert s.response_headers["X-Herald-Seq"] == "5"
+            assert "X-Herald-Recovered" not in s.response_headers
+        # A history counts in an epoch of its own, made from the process's.
+        assert epoch.startswith(herald.stats()["epoch"]) and epoch != herald.stats()["epoch"]
         async with websockets.connect(herald.ws_url("/sub/h:raw?since=2&epoch=" + epoch)) as s:
             assert s.response_headers["X-Herald-Recovered"] == "true"
             assert s.response_headers["X-Herald-Seq"] == "5"

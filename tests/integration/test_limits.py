@@ -12,16 +12,7 @@ import time
 
 import pytest
 
-from herald_util import HOST, OP_BINARY, OP_TEXT, REPO, RawWS, Herald
-
-
-def wait_for(pred, timeout=5.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
+from herald_util import HOST, OP_BINARY, OP_TEXT, REPO, RawWS, Herald, wait_for
 
 
 def stats_once_served(h, timeout=10.0):

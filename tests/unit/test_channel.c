@@ -846,8 +846,10 @@ static void test_history(struct route *raw)
     char got[4096], text[16];
     uint64_t last;
     peer_open(&a, raw);
-    const char *ep = chan_epoch();
-    for (int i = 1; i <= 25; i++) {
+    publish("k:r", "1");
+    const char *ep = chan_epoch_of("k:r", 3);
+    CHECK(strncmp(ep, chan_epoch(), strlen(chan_epoch())) == 0 && strcmp(ep, chan_epoch()) != 0);
+    for (int i = 2; i <= 25; i++) {
         snprintf(text, sizeof(text), "%d", i);
         publish("k:r", text);
         if (i == 5) /* the ring has not grown to the length yet */
