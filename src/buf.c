@@ -104,6 +104,10 @@ void buf_free(struct buf *b)
     b->len = b->cap = 0;
 }
 
+static void (*image_release)(struct block *b);
+
+void block_set_image_release(void (*release)(struct block *b)) { image_release = release; }
+
 struct block *block_new(size_t cap)
 {
     struct block *b = xmalloc(sizeof(*b) + cap);
@@ -111,13 +115,26 @@ struct block *block_new(size_t cap)
     b->flags = 0;
     b->len = 0;
     b->cap = cap;
+    b->image = BLOCK_NO_IMAGE;
+    b->image_len = 0;
     return b;
 }
 
 void block_unref(struct block *b)
 {
-    if (b && --b->refs == 0)
+    if (b && --b->refs == 0) {
+        if (b->image != BLOCK_NO_IMAGE && image_release)
+            image_release(b);
         free(b);
+    }
+}
+
+void block_reset(struct block *b)
+{
+    if (b->image != BLOCK_NO_IMAGE && image_release)
+        image_release(b); /* its bytes are about to change */
+    b->image = BLOCK_NO_IMAGE;
+    b->len = 0;
 }
 
 struct block *block_append(struct block *b, const void *p, size_t n)

@@ -43,13 +43,22 @@ struct block {
     uint32_t flags; /* free for the owner's use */
     size_t len;
     size_t cap;
+    int image;          /* a copy of data[0..image_len) kept by the sender (sendpipe.c), or: */
+    uint32_t image_len;
     char data[];
 };
+#define BLOCK_NO_IMAGE (-1)
+#define BLOCK_IMAGE_REFUSED (-2) /* one could not be made: do not try again */
+
+/* Who releases a block's image when the block is freed or emptied (once, at start-up). */
+void block_set_image_release(void (*release)(struct block *b));
 
 /* A block with room for cap bytes, one reference held by the caller. */
 struct block *block_new(size_t cap);
 static inline struct block *block_ref(struct block *b) { b->refs++; return b; }
 void block_unref(struct block *b);
+/* Empty a block the caller holds the only reference to, for reuse. */
+void block_reset(struct block *b);
 /* Append n bytes to a block the caller holds the only reference to, growing it (and so perhaps
  * moving it) as needed. Returns the block to use from now on. */
 struct block *block_append(struct block *b, const void *p, size_t n);

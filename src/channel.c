@@ -774,7 +774,7 @@ static struct block *batch_recycle(struct block *b)
         block_unref(b);
         return NULL;
     }
-    b->len = 0;
+    block_reset(b);
     return b;
 }
 

@@ -4,6 +4,7 @@
 #include "auth.h"
 #include "log.h"
 #include "route.h"
+#include "sendpipe.h"
 #include "stats.h"
 #include "tls.h"
 
@@ -57,6 +58,7 @@ void conn_init(struct ev_loop *l, void (*read_cb)(struct conn *c), void (*timeou
     on_timeout = timeout_cb;
     on_detach = free_cb;
     read_buffer = xmalloc(CONN_READ_BUF);
+    sendpipe_init();
     ev_timer_init(&sweep_timer, sweep_cb, 1.0, 1.0);
     ev_timer_start(loop, &sweep_timer);
     ev_unref(loop); /* the sweep alone must not keep the loop running */
@@ -401,38 +403,48 @@ static void conn_write(struct conn *c)
         struct iovec iov[WRITEV_MAX];
         int n = 0;
         size_t asked = 0;
-        for (uint32_t i = 0; i < c->q_len && n < WRITEV_MAX; i++) {
-            struct conn_qitem *it = &c->q[(c->q_head + i) & (c->q_cap - 1)];
-            iov[n].iov_base = it->blk->data + it->off;
-            iov[n].iov_len = it->len;
-            asked += it->len;
-            n++;
+        ssize_t w = SENDPIPE_DECLINED;
+        if (!c->tls) {
+            struct conn_qitem *it = &c->q[c->q_head];
+            w = sendpipe_send(it->blk, it->off, it->len, c->io.fd);
+            asked = it->len;
         }
-        ssize_t w;
-        if (c->tls) {
-            w = tls_writev(c->tls, iov, n, &asked);
-            if (w == TLS_WANT_WRITE) {
-                set_write_interest(c, 1);
-                return;
+        if (w == SENDPIPE_DECLINED) {
+            asked = 0;
+            for (uint32_t i = 0; i < c->q_len && n < WRITEV_MAX; i++) {
+                struct conn_qitem *it = &c->q[(c->q_head + i) & (c->q_cap - 1)];
+                if (n && !c->tls && sendpipe_wants(it->blk, it->off, it->len))
+                    break; /* sent by reference on the next round */
+                iov[n].iov_base = it->blk->data + it->off;
+                iov[n].iov_len = it->len;
+                asked += it->len;
+                n++;
             }
-            if (w == TLS_WANT_READ)
-                return; /* retried after the next read */
-            if (w < 0) {
-                conn_close_now(c);
-                return;
-            }
-        } else {
-            w = writev(c->io.fd, iov, n);
-            if (w < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            if (c->tls) {
+                w = tls_writev(c->tls, iov, n, &asked);
+                if (w == TLS_WANT_WRITE) {
                     set_write_interest(c, 1);
                     return;
                 }
-                conn_close_now(c); /* EPIPE, ECONNRESET: the peer is gone */
+                if (w == TLS_WANT_READ)
+                    return; /* retried after the next read */
+                if (w < 0) {
+                    conn_close_now(c);
+                    return;
+                }
+            } else {
+                w = writev(c->io.fd, iov, n);
+            }
+        }
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                set_write_interest(c, 1);
                 return;
             }
+            conn_close_now(c); /* EPIPE, ECONNRESET: the peer is gone */
+            return;
         }
         stats.bytes_out += (uint64_t)w;
         size_t left = (size_t)w;

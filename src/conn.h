@@ -3,7 +3,8 @@
  *
  * The send queue holds references to blocks (struct block), never copies: a message fanned out to
  * ten thousand subscribers is one block referenced ten thousand times. Queued data is written with
- * one writev per connection per loop pass (conn_flush_all, called before the loop sleeps).
+ * one writev per connection per loop pass (conn_flush_all, called before the loop sleeps), large
+ * shared blocks by page reference instead (sendpipe.h).
  * A connection is never freed inside one of its own callbacks: conn_close_now marks it dead and it
  * is freed at the end of the pass. */
 #ifndef HERALD_CONN_H

@@ -21,6 +21,7 @@ class FanoutReader(threading.Thread):
 
     def __init__(self, conns, expected_raw, expected_data, channel, deadline):
         super().__init__(daemon=True)
+        self.n = len(expected_raw)
         self.conns = conns  # [(RawWS, kind)] kind: "raw" or "ws"
         self.expected_raw = expected_raw
         self.expected_data = expected_data
@@ -85,7 +86,7 @@ class FanoutReader(threading.Thread):
             if frame.opcode != OP_TEXT or not frame.fin:
                 self.fail(i, "unexpected frame %r" % frame)
                 continue
-            if k >= N_MESSAGES:
+            if k >= self.n:
                 self.fail(i, "extra message %r" % frame.payload[:80])
                 continue
             if kind == "raw":
@@ -99,7 +100,7 @@ class FanoutReader(threading.Thread):
                     self.fail(i, "message %d is %r" % (k, m))
             self.counts[i] = k + 1
         del buf[:pos]
-        return 1 if before < N_MESSAGES <= self.counts[i] else 0
+        return 1 if before < self.n <= self.counts[i] else 0
 
 
 @pytest.mark.herald(limits={"send_queue": 1 << 20})
@@ -162,6 +163,43 @@ def test_fanout_exactly_once_in_order(herald):
         assert s1["messages_in"] - s0["messages_in"] == N_MESSAGES, (s0, s1)
         assert s1["messages_out"] - s0["messages_out"] == N_MESSAGES * N_SUBSCRIBERS, (s0, s1)
         assert s1["slow_consumers_dropped"] == s0["slow_consumers_dropped"]
+    finally:
+        for ws, _ in subs:
+            ws.close()
+
+
+LARGE = 50000
+N_LARGE = 120
+
+
+@pytest.mark.herald(limits={"max_message": 1 << 20, "send_queue": 16 << 20})
+def test_large_messages_whole_to_every_subscriber(herald):
+    """Large messages to many subscribers are sent by page reference rather than copied for each
+    (src/sendpipe.c): every byte arrives, in order, also through the short sends that small
+    receive buffers force and while messages queue behind one another."""
+    channel = "big"
+    letters = b"abcdefghijklmnopqrstuvwxyz" * (LARGE // 26 + 2)
+    expected_raw = [b"%06d" % i + letters[i % 26:i % 26 + LARGE - 6] for i in range(N_LARGE)]
+    subs = []
+    try:
+        for i in range(40):
+            subs.append((RawWS(herald.port, "/sub/" + channel, rcvbuf=4096 if i % 4 == 0 else None), "raw"))
+        assert herald.stats()["subscriptions"] == 40
+        reader = FanoutReader(subs, expected_raw, [], channel, time.monotonic() + 60)
+        reader.start()
+        with RawHTTP(herald.port, timeout=20) as h:
+            for start in range(0, N_LARGE, 8):  # pipelined: several messages to a pass
+                h.send(b"".join(h.build("POST", "/pub/" + channel, expected_raw[i])
+                                for i in range(start, start + 8)))
+                for i in range(start, start + 8):
+                    r = h.read_response()
+                    assert r.status == 200 and r.json()["seq"] == i + 1, r
+        assert reader.finished.wait(70), "the reader did not finish"
+        assert not reader.errors, "\n".join(reader.errors)
+        assert reader.counts == [N_LARGE] * len(subs)
+        assert not any(reader.leftover), "partial frames left over"
+        s = herald.stats()
+        assert s["slow_consumers_dropped"] == 0 and s["messages_out"] == N_LARGE * len(subs), s
     finally:
         for ws, _ in subs:
             ws.close()
