@@ -93,6 +93,27 @@ static int discard(size_t n)
     return 0;
 }
 
+/* Errors that say the socket cannot be written now or any more, as writev would give them. */
+static int peer_error(int err)
+{
+    switch (err) {
+    case EAGAIN:
+    case EINTR:
+    case EPIPE:
+    case ECONNRESET:
+    case ECONNABORTED:
+    case ENOTCONN:
+    case ETIMEDOUT:
+    case EHOSTUNREACH:
+    case ENETUNREACH:
+    case ENETDOWN:
+    case EIO:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 ssize_t sendpipe_send(struct block *b, size_t off, size_t len, int fd)
 {
     if (!sendpipe_wants(b, off, len) || (b->image < 0 && !image_make(b)))
@@ -101,8 +122,11 @@ ssize_t sendpipe_send(struct block *b, size_t off, size_t len, int fd)
     size_t reach = off + len;
     ssize_t t = tee(b->image, scratch[1], reach, SPLICE_F_NONBLOCK);
     if (t < 0 || (size_t)t != reach) {
-        if (t > 0 && discard((size_t)t) < 0)
-            sendpipe_shutdown();
+        /* Never so with an empty scratch as large as any image: whatever stops it now would
+         * stop it again. */
+        if (t > 0)
+            (void)discard((size_t)t);
+        sendpipe_shutdown();
         return SENDPIPE_DECLINED;
     }
     if (off && discard(off) < 0) {
@@ -116,8 +140,10 @@ ssize_t sendpipe_send(struct block *b, size_t off, size_t len, int fd)
         if (w <= 0)
             return SENDPIPE_DECLINED;
     }
-    if (w == 0 || (w < 0 && (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP))) {
-        sendpipe_shutdown(); /* this kind of socket takes no pages: writev from now on */
+    if (w == 0 || (w < 0 && !peer_error(err))) {
+        /* Refused for what it is, not for where it goes (a kind of socket that takes no pages,
+         * a sandbox that forbids splice): writev from now on. */
+        sendpipe_shutdown();
         return SENDPIPE_DECLINED;
     }
     errno = err;

@@ -188,6 +188,20 @@ int main(void)
     c->refs = 1;
     block_unref(c);
 
+    /* Refused for what the descriptor is, not for a gone peer: declined, and from then on
+     * everything is left to writev, until set up again. */
+    struct block *d = block_of(100000, 7);
+    d->refs = 4;
+    int ro = open("/dev/null", O_RDONLY);
+    CHECK_EQ(sendpipe_send(d, 0, d->len, ro), SENDPIPE_DECLINED);
+    CHECK(!sendpipe_wants(d, 0, d->len));
+    close(ro);
+    sendpipe_init();
+    CHECK(sendpipe_wants(d, 0, d->len));
+    CHECK(send_all(d, 0, d->len, NULL));
+    d->refs = 1;
+    block_unref(d);
+
     CHECK_EQ(open_fds(), fds_before); /* every image's pipe closed with its block */
     return TEST_REPORT();
 }
