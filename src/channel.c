@@ -596,8 +596,8 @@ static void group_settle(struct group *g);
 
 /* Must batch b be handed out before a frame of need bytes is appended to it? A batch only its
  * group holds may grow (and move); a shared one never moves, so it must when it is full. So must
- * one that would pass CHAN_BATCH_MAX: a queue entry counts bytes in 32 bits, and a pass of large
- * messages is not gathered in one ever larger block. */
+ * one that would pass CHAN_BATCH_MAX: a pass of large messages is not gathered in one ever larger
+ * block. */
 static int batch_full(const struct block *b, size_t need)
 {
     return b && ((b->refs > 1 && b->cap - b->len < need) ||

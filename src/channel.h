@@ -112,8 +112,8 @@ int chan_punsubscribe(struct conn *c, const char *pattern, size_t len);
 int chan_pattern_wanted(const char *name, size_t len);
 
 /* A channel's or a pattern's batch is handed out to its subscribers before it passes this many
- * bytes within a pass (a frame larger than that goes alone): send-queue entries count bytes in
- * 32 bits, and a pass's messages need not all be held in one block. */
+ * bytes within a pass (a frame larger than that goes alone): a pass's messages need not all be
+ * held in one ever larger block. */
 #define CHAN_BATCH_MAX ((size_t)64 << 20)
 
 /* Hand every batch published since the last call to its subscribers' queues. */

@@ -194,8 +194,8 @@ static void queue_push(struct conn *c, struct block *blk, size_t off, size_t len
     }
     struct conn_qitem *it = &c->q[(c->q_head + c->q_len) & (c->q_cap - 1)];
     it->blk = blk;
-    it->off = (uint32_t)off;
-    it->len = (uint32_t)len;
+    it->off = off;
+    it->len = len;
     c->q_len++;
     c->q_bytes += len;
     schedule_flush(c);
@@ -212,9 +212,6 @@ void conn_queue_block(struct conn *c, struct block *blk, size_t off, size_t len)
 {
     if (!queue_open(c) || c->close_sent || !len)
         return;
-    /* An entry counts bytes in 32 bits. Channel and pattern batches are handed out before
-     * CHAN_BATCH_MAX, so only a single frame could pass 4 GiB: a message near max_message (1 GiB)
-     * escaped into JSON text, which no send queue (2 GiB at most) can take anyway. */
     queue_push(c, block_ref(blk), off, len);
 }
 
@@ -231,7 +228,7 @@ void conn_queue_copy(struct conn *c, const void *p, size_t len)
             last->off + last->len == b->len) {
             memcpy(b->data + b->len, p, len);
             b->len += len;
-            last->len += (uint32_t)len;
+            last->len += len;
             c->q_bytes += len;
             return;
         }
@@ -452,8 +449,8 @@ static void conn_write(struct conn *c)
         while (left) {
             struct conn_qitem *it = &c->q[c->q_head];
             if (left < it->len) {
-                it->off += (uint32_t)left;
-                it->len -= (uint32_t)left;
+                it->off += left;
+                it->len -= left;
                 break;
             }
             left -= it->len;

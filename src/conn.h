@@ -42,8 +42,8 @@ enum conn_timeout_class { CONN_TO_HTTP, CONN_TO_WS, CONN_TO_CLOSING, CONN_TO_COU
 
 struct conn_qitem {
     struct block *blk;
-    uint32_t off; /* next byte to write */
-    uint32_t len; /* bytes still to write from off */
+    size_t off; /* next byte to write */
+    size_t len; /* bytes still to write from off */
 };
 
 /* What a connection waits for from Redis, on channels whose history Redis keeps (mirror mode).
