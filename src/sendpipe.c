@@ -63,8 +63,10 @@ static int image_make(struct block *b)
     if (images >= SENDPIPE_MAX_IMAGES || image_bytes + b->len > SENDPIPE_MAX_BYTES)
         return 0; /* not now; maybe for a later send, once others are gone */
     int p[2];
-    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
+        b->image = BLOCK_IMAGE_REFUSED; /* out of descriptors: not again for each holder */
         return 0;
+    }
     ssize_t w = -1;
     if (fcntl(p[1], F_SETPIPE_SZ, (int)b->len) >= 0)
         w = write(p[1], b->data, b->len);
