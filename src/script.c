@@ -89,6 +89,8 @@ struct lstate {
     uint64_t calls[HOOK_KINDS];
     uint64_t errors, runaway, memory_errors, load_errors, reloads, dropped, authorize_refused;
     char last_error[512];
+    double log_second;       /* the second the error log lines below were counted in */
+    uint32_t logged, unlogged; /* error lines logged in it, and errors not logged since the last */
 };
 
 /* Something a script did to a client while open() ran, before the 101 was queued. */
@@ -223,6 +225,8 @@ static int msgh(lua_State *L)
     return 1;
 }
 
+#define SCRIPT_ERROR_LINES 10 /* error lines logged per route per second at most */
+
 /* A call failed: count it, keep the message, and log it (load errors are reported by the caller). */
 static void call_failed(struct lstate *st, enum hook h, int rc, const char *msg)
 {
@@ -247,6 +251,22 @@ static void call_failed(struct lstate *st, enum hook h, int rc, const char *msg)
         return;
     }
     st->errors++;
+    /* A script that fails on every message must not drown the log: a few lines a second per
+     * route, and a count of the rest (every error is counted in /stats, the last one kept). */
+    double now = floor(loop ? ev_now(loop) : ev_time());
+    if (now != st->log_second) {
+        st->log_second = now;
+        st->logged = 0;
+    }
+    if (st->logged >= SCRIPT_ERROR_LINES) {
+        st->unlogged++;
+        return;
+    }
+    st->logged++;
+    if (st->unlogged)
+        log_warn("script error on route %s: %u more errors were not logged", st->route->path,
+                 st->unlogged);
+    st->unlogged = 0;
     log_warn("script error on route %s, in %s: %s", st->route->path, hook_names[h], text);
 }
 

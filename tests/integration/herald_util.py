@@ -222,6 +222,11 @@ class Herald:
         with self._lock:
             return len(self.lines)
 
+    def log_since(self, start, text):
+        """The stderr lines from the mark start on that hold text."""
+        with self._lock:
+            return [line for line in self.lines[start:] if text in line]
+
     def wait_log(self, pattern, start=0, timeout=10.0):
         """Wait (bounded) until a stderr line from the mark start on matches the regular
         expression pattern; returns that line."""

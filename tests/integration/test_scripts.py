@@ -348,6 +348,33 @@ def test_error_in_each_hook_is_contained_logged_and_counted(herald):
 
 
 @pytest.mark.herald(**PROBE_CONFIG)
+def test_errors_on_every_message_do_not_drown_the_log(herald):
+    """A few error lines a second per route; the rest are counted, and told at the next line."""
+    async def main():
+        ws, _ = await open_probe(herald)
+        mark = herald.log_mark()
+        await ws.send("hi")
+        await recv_json(ws)
+        for _ in range(100):  # one burst: read and failed within a second or two
+            await ws.send("!error")
+        await ws.send("hi")  # answered after the 100 have failed
+        assert (await recv_json(ws))["data"] == "hi"
+        assert script_stats(herald, "/probe")["errors"] == 100
+        herald.wait_log("message failed on purpose", mark)
+        assert 1 <= len(herald.log_since(mark, "message failed on purpose")) <= 20
+        # In a later second, the next error's line comes after a count of those not logged.
+        deadline = time.monotonic() + 10
+        while not herald.log_since(mark, "more errors were not logged") and time.monotonic() < deadline:
+            await ws.send("!error")
+            await asyncio.sleep(0.25)
+        told = herald.log_since(mark, "more errors were not logged")
+        assert told, "no count of the errors not logged"
+        assert "on route /probe" in told[0] and int(re.search(r": (\d+) more", told[0]).group(1)) >= 80
+        await ws.close()
+    run(main())
+
+
+@pytest.mark.herald(**PROBE_CONFIG)
 def test_endless_loop_is_stopped_and_counted(herald):
     async def main():
         async with probe(herald) as (ws, _):
