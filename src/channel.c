@@ -2340,8 +2340,11 @@ static void pres_emit(struct chan *ch, int join, const char *id, size_t id_len, 
     struct presence *p = ch->pres;
     if (!p || !p->nlisteners)
         return;
+    /* After what was published to the listeners before: their part of this pass's batches is
+     * given to them first, and the other subscribers' batches go on gathering. */
     if (dirty_list || pdirty_list)
-        chan_settle(); /* after what was published before */
+        for (uint32_t i = 0; i < p->nlisteners; i++)
+            chan_settle_for(p->listeners[i]->conn);
     static struct buf text;
     text.len = 0;
     buf_printf(&text, "{\"op\":\"%s\",\"channel\":\"%.*s\",\"client\":{\"id\":\"%.*s\"",

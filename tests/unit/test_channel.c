@@ -798,6 +798,42 @@ static void test_presence(struct route *raw)
     close(b.fd);
 }
 
+/* A join reaches a listener after what was published to it before in the same pass and before
+ * what follows, while another channel's batch of the pass goes on gathering. */
+static void test_presence_order(struct route *raw)
+{
+    struct peer l, m, o;
+    char got[4096];
+    peer_open(&l, raw);
+    peer_open(&m, raw);
+    peer_open(&o, raw);
+    chan_subscribe(l.conn, "lobby", 5);
+    chan_presence_set(l.conn, "lobby", 5, -1, 1, NULL, 0);
+    chan_subscribe(o.conn, "other", 5);
+    pass();
+    publish("lobby", "before");
+    publish("other", "o1");
+    chan_subscribe(m.conn, "lobby", 5);
+    chan_presence_set(m.conn, "lobby", 5, 1, -1, NULL, 0);
+    publish("lobby", "after");
+    publish("other", "o2");
+    CHECK_EQ(o.conn->q_len, 0); /* not given its part yet: the join did not cut its batch */
+    pass();
+    CHECK_EQ(peer_read(&l, got, sizeof(got), NULL), 3);
+    CHECK(strncmp(got, "before|{\"op\":\"join\"", 19) == 0);
+    size_t n = strlen(got);
+    CHECK(n > 8 && strcmp(got + n - 8, "}|after|") == 0);
+    CHECK_EQ(peer_read(&o, got, sizeof(got), NULL), 2);
+    CHECK(strcmp(got, "o1|o2|") == 0);
+    conn_close_now(l.conn);
+    conn_close_now(m.conn);
+    conn_close_now(o.conn);
+    pass();
+    close(l.fd);
+    close(m.fd);
+    close(o.fd);
+}
+
 /* A member dropped as a slow consumer while the queues are being written: its leave reaches the
  * listeners in that same flush, not whenever the loop next wakes up. */
 static void test_presence_slow_member(struct route *raw)
@@ -1301,6 +1337,7 @@ int main(void)
     test_batch_cap(raw);
     test_pattern_deflate();
     test_presence(raw);
+    test_presence_order(raw);
     test_presence_slow_member(raw);
     test_history(raw);
     test_sweep_history();
