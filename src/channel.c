@@ -1750,6 +1750,8 @@ void chan_fetch_marker(struct chan_fetch *f, const char *epoch, uint64_t seq)
             hold(ch->rs, f, epoch, seq, NULL, 0, 0);
 }
 
+int chan_fetch_abandoned(const struct chan_fetch *f) { return f->kind == CHAN_FETCH_JOIN && !f->join; }
+
 void chan_fetch_failed(struct chan_fetch *f, const char *err)
 {
     if (f->kind == CHAN_FETCH_RANGE) {

@@ -287,6 +287,9 @@ struct chan_fetch_result {
 void chan_fetch_reply(struct chan_fetch *f, const struct chan_fetch_result *r);
 void chan_fetch_marker(struct chan_fetch *f, const char *epoch, uint64_t seq);
 void chan_fetch_failed(struct chan_fetch *f, const char *err);
+/* Is f a join whose subscription went? The observer may then drop it unsent (chan_fetch_failed)
+ * rather than keep it until it can be sent. */
+int chan_fetch_abandoned(const struct chan_fetch *f);
 /* The observer numbered a publish (err NULL) or could not (seq 0, epoch NULL, err set). */
 void chan_pub_numbered(struct chan_pub *p, uint64_t seq, const char *epoch, const char *err);
 /* A message the observer numbered, from its live stream (m->seq and m->epoch set). */

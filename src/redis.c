@@ -139,7 +139,7 @@ static struct {
     uint32_t cmds_sent;       /* of those, sent and not answered */
     uint8_t recovering;       /* Redis forgot a script: resend once everything sent is answered */
     struct fwait *fwait_head, **fwait_tail; /* joins waiting for their channel to be heard */
-    size_t nfwait;
+    size_t nfwait, fwait_prune_at;
     struct smap marks;        /* token -> struct mark: joins whose mark has not come */
     uint64_t next_token;
     uint64_t epoch_state;     /* draws candidate epochs */
@@ -1229,7 +1229,7 @@ static int fetch_send(struct chan_fetch *f)
     return 0;
 }
 
-/* Send the waiting joins whose channel is heard now. */
+/* Send the waiting joins whose channel is heard now; drop those whose subscription went. */
 static void fetch_kick(void)
 {
     if (!pub_usable())
@@ -1237,7 +1237,8 @@ static void fetch_kick(void)
     struct fwait **pp = &R.fwait_head;
     while (*pp) {
         struct fwait *w = *pp;
-        if (!heard(w->f->name, w->f->name_len)) {
+        int abandoned = chan_fetch_abandoned(w->f);
+        if (!abandoned && !heard(w->f->name, w->f->name_len)) {
             pp = &w->next;
             continue;
         }
@@ -1247,6 +1248,10 @@ static void fetch_kick(void)
         R.nfwait--;
         struct chan_fetch *f = w->f;
         free(w);
+        if (abandoned) {
+            chan_fetch_failed(f, "its subscription went");
+            continue;
+        }
         if (fetch_send(f) < 0) {
             fetch_send_failed(f, "Redis cannot be reached");
             return; /* the rest waits for the publisher */
@@ -1254,8 +1259,32 @@ static void fetch_kick(void)
     }
 }
 
+/* Drop the waiting joins whose subscriptions went (clients that gave up while Redis was away). */
+static void fwait_prune(void)
+{
+    struct fwait **pp = &R.fwait_head;
+    while (*pp) {
+        struct fwait *w = *pp;
+        if (!chan_fetch_abandoned(w->f)) {
+            pp = &w->next;
+            continue;
+        }
+        *pp = w->next;
+        R.nfwait--;
+        chan_fetch_failed(w->f, "its subscription went");
+        free(w);
+    }
+    R.fwait_tail = pp;
+}
+
 static void fwait_add(struct chan_fetch *f)
 {
+    /* Pruned whenever the list has doubled since: clients coming and going all through a long
+     * outage leave a bounded list behind, at a constant cost per join. */
+    if (R.nfwait >= R.fwait_prune_at) {
+        fwait_prune();
+        R.fwait_prune_at = 2 * R.nfwait + 64;
+    }
     struct fwait *w = xcalloc(1, sizeof(*w));
     w->f = f;
     if (!R.fwait_tail)

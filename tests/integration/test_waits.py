@@ -147,6 +147,34 @@ def test_a_client_that_hangs_up_while_it_waits_is_let_go(herald_factory, redis_s
         redis_server.proc.send_signal(signal.SIGCONT)
 
 
+def test_clients_giving_up_all_through_an_outage_leave_a_bounded_list(herald_factory, redis_server):
+    # Handshakes that wait for Redis and are given up leave their joins waiting for Redis; those
+    # are dropped as more come, so a long outage with clients retrying holds a bounded list.
+    h = node(herald_factory, redis_server)
+    redis_server.kill()
+    h.wait_stats(lambda s: not s["redis"]["connected"], 10)
+    for _ in range(10):
+        socks = []
+        for i in range(20):
+            s = socket.create_connection((HOST, h.port), timeout=5)
+            s.sendall(handshake_request(h.port, "/sub/h:retry%d" % (i % 3)))
+            socks.append(s)
+        st = h.wait_stats(lambda st: st["websockets"] == 20)
+        assert st["websockets"] == 20, st
+        for s in socks:
+            s.close()
+        st = h.wait_stats(lambda st: st["connections"] == 1 and st["subscriptions"] == 0)
+        assert st["connections"] == 1 and st["subscriptions"] == 0, st
+    waiting = st["redis"]["mirror"]["history"]["joins_waiting"]
+    assert waiting <= 64 + 20, "200 joins given up, %d still kept" % waiting
+    redis_server.start()
+    h.wait_stats(lambda s: s["redis"]["connected"], 10)
+    took, head = handshake_response(h.port, "/sub/h:retry0")
+    assert head.startswith("HTTP/1.1 101 "), head
+    st = h.wait_stats(lambda st: st["redis"]["mirror"]["history"]["joins_waiting"] == 0)
+    assert st["redis"]["mirror"]["history"]["joins_waiting"] == 0, st
+
+
 def test_a_done_function_that_fails_is_counted_as_such(herald_factory, redis_server, tmp_path):
     # herald.publish's done function runs once Redis has numbered the message: its calls and
     # errors are its own, not a timer's.
