@@ -359,7 +359,9 @@ void conn_set_awaiting(struct conn *c, int on)
     if (c->state == CONN_DEAD)
         return;
     set_write_interest(c, c->q_len > 0);
-    if (!on && c->pending) /* input that arrived with the request waits to be served */
+    /* Input that arrived with the request, or was taken into the TLS session meanwhile, waits to
+     * be served: the socket may not say so. */
+    if (!on && (c->pending || (c->tls && tls_pending(c->tls))))
         ev_feed_event(loop, &c->io, EV_READ);
 }
 

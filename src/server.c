@@ -353,6 +353,14 @@ static void waiting_free(struct waiting *w)
 static void on_wait_readable(struct ev_loop *l, ev_io *io, int revents)
 {
     struct waiting *w = io->data;
+    if (w->conn->tls) {
+        /* Bytes on a TLS socket may be the close_notify: look at the records they make. */
+        if (tls_peer_closed(w->conn->tls))
+            conn_close_now(w->conn);
+        else if (tls_pending(w->conn->tls))
+            ev_io_stop(l, io); /* data, taken into the session: conn_set_awaiting wakes it */
+        return;
+    }
     char byte;
     ssize_t n = recv(io->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))

@@ -176,6 +176,17 @@ ssize_t tls_read(SSL *ssl, void *buf, size_t len)
 
 int tls_pending(SSL *ssl) { return SSL_pending(ssl) > 0; }
 
+int tls_peer_closed(SSL *ssl)
+{
+    char byte;
+    ERR_clear_error();
+    int n = SSL_peek(ssl, &byte, 1);
+    if (n > 0)
+        return 0;
+    int e = SSL_get_error(ssl, n);
+    return e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE;
+}
+
 ssize_t tls_writev(SSL *ssl, const struct iovec *iov, int iovcnt, size_t *asked)
 {
     const void *p;

@@ -32,6 +32,10 @@ void tls_free(struct ssl_st *ssl);
 ssize_t tls_read(struct ssl_st *ssl, void *buf, size_t len);
 /* 1 if decrypted bytes are buffered inside the session (the socket may not signal them). */
 int tls_pending(struct ssl_st *ssl);
+/* For a connection that reads nothing for now but must notice a peer that goes: takes in the
+ * records that have come (kept for tls_read) and returns 1 if the peer closed the session
+ * (close_notify, EOF, a failure), 0 if not (data is waiting, or no whole record came yet). */
+int tls_peer_closed(struct ssl_st *ssl);
 /* Write up to iovcnt buffers, gathered so that records are as full as possible; *asked is set to
  * how many bytes were offered (a short write is one below that). Returns bytes written (> 0) or
  * one of the codes above. After a WANT, call again with the same leading data. */

@@ -793,6 +793,16 @@ class RawWS:
 
 # --- asyncio / websockets -----------------------------------------------------------------------
 
+def make_cert(directory, name, cn):
+    """A self-signed certificate for cn, and its key, in directory: (cert path, key path)."""
+    cert, key = directory / (name + ".pem"), directory / (name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=" + cn,
+                    "-addext", "subjectAltName=DNS:" + cn],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return str(cert), str(key)
+
+
 def wait_for(pred, timeout=5.0, step=0.02):
     """Poll pred until it holds (True) or timeout seconds pass (False): for states the broker
     reaches on a timer, with no event to wait on."""

@@ -7,7 +7,8 @@ import time
 import pytest
 import websockets
 
-from herald_util import HOST, JWT_SECRET, jwt_token, RawWS, free_port, herald_bin, Herald, OP_TEXT, run
+from herald_util import (HOST, JWT_SECRET, jwt_token, RawWS, free_port, herald_bin, Herald, OP_TEXT,
+                         make_cert, run)
 
 
 async def open_status(url, **kw):
@@ -20,15 +21,6 @@ async def open_status(url, **kw):
 
 
 # --- TLS -------------------------------------------------------------------------------------------
-
-def make_cert(directory, name, cn):
-    cert, key = directory / (name + ".pem"), directory / (name + ".key")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "2", "-subj", "/CN=" + cn,
-                    "-addext", "subjectAltName=DNS:" + cn],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return str(cert), str(key)
-
 
 @pytest.fixture
 def tls_herald(tmp_path, herald_factory):

@@ -4,10 +4,11 @@ the client sends meanwhile is served after the answer, in order; the wait is bou
 that hangs up is let go."""
 import signal
 import socket
+import ssl
 import time
 
 from herald_util import HOST, DEFAULT_ROUTES, OP_PING, OP_PONG, RawHTTP, RawWS, encode_frame, \
-    handshake_request, parse_server_frame
+    free_port, handshake_request, make_cert, parse_server_frame
 from redis_util import mirror_node
 
 HISTORY = [{"prefix": "h:", "length": 100, "age": 600}]
@@ -145,6 +146,61 @@ def test_a_client_that_hangs_up_while_it_waits_is_let_go(herald_factory, redis_s
         assert st["connections"] == 1, st
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_tls_client_that_ends_its_session_while_it_waits_is_let_go(herald_factory, redis_server,
+                                                                     tmp_path):
+    # Over TLS a hang-up may be a close_notify record, the TCP connection left open: that is
+    # noticed at once too, not at http_timeout.
+    cert, key = make_cert(tmp_path, "a", "localhost")
+    port = free_port()
+    h = mirror_node(herald_factory, redis_server, routes=ROUTES, history=HISTORY,
+                    limits={"http_timeout": 30}, tls={"port": port, "cert": cert, "key": key})
+    redis_server.kill()
+    h.wait_stats(lambda s: not s["redis"]["connected"], 10)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection((HOST, port), timeout=5)
+    try:
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.sendall(handshake_request(port, "/sub/h:tls"))
+        st = h.wait_stats(lambda st: st["websockets"] == 1)
+        assert st["connections"] == 2 and st["websockets"] == 1, st
+        t0 = time.monotonic()
+        s.settimeout(3)
+        try:
+            s.unwrap()  # close_notify, then wait for the server's (it closes instead)
+        except (ssl.SSLError, OSError):
+            pass
+        st = h.wait_stats(lambda st: st["connections"] == 1 and st["websockets"] == 0)
+        assert (st["connections"], st["websockets"], st["subscriptions"]) == (1, 0, 0), st
+        assert time.monotonic() - t0 < 3
+    finally:
+        raw.close()
+    # A record of data that comes while the 101 waits is taken into the session to be looked at:
+    # it is served once the 101 is out, though the socket has nothing more to say.
+    redis_server.start()
+    h.wait_stats(lambda s: s["redis"]["connected"], 10)
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    raw = socket.create_connection((HOST, port), timeout=10)
+    try:
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.sendall(handshake_request(port, "/sub/h:tls2"))
+        st = h.wait_stats(lambda st: st["websockets"] == 1)
+        assert st["websockets"] == 1, st
+        s.sendall(encode_frame(OP_PING, b"after"))
+        redis_server.proc.send_signal(signal.SIGCONT)
+        buf = bytearray()
+        assert read_until(s, buf, lambda b: b"\r\n\r\n" in b)
+        assert buf.startswith(b"HTTP/1.1 101 "), bytes(buf[:200])
+        del buf[:buf.index(b"\r\n\r\n") + 4]
+        assert read_until(s, buf, lambda b: parse_server_frame(b) is not None)
+        frame, _ = parse_server_frame(buf)
+        assert (frame.opcode, frame.payload) == (OP_PONG, b"after")
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+        raw.close()
 
 
 def test_clients_giving_up_all_through_an_outage_leave_a_bounded_list(herald_factory, redis_server):
