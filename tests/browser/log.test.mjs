@@ -62,8 +62,11 @@ test("log: live rows, colours, filter, pause, sparkline, bounded table", { timeo
     await page.locator('.chip-toggle[data-class="5"]').click();
     await row(page, "/t/gamma").waitFor();
 
-    // The sparkline counts the requests of the last seconds.
-    await page.waitForFunction(() => Number(document.querySelector("#spark").dataset.peak) >= 3);
+    // The sparkline counts the requests of the last seconds: a burst of ten spans two seconds at
+    // most, so one of them counts five or more.
+    herald.appendTail(...Array.from({ length: 10 }, (_, i) => line(`/t/burst/${i}`, 200)));
+    await row(page, "/t/burst/9").waitFor();
+    await page.waitForFunction(() => Number(document.querySelector("#spark").dataset.peak) >= 5);
     await screenshot(page, "log-desktop-light");
 
     // Pause holds new lines back until resumed.
