@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 /* Holders a block must have before an image pays for itself: making one costs a copy and a few
@@ -17,6 +18,17 @@ static int scratch[2] = {-1, -1};
 static int devnull = -1;
 static size_t max_image; /* scratch's capacity: the largest image tee can copy whole */
 static size_t images, image_bytes;
+static size_t max_images; /* SENDPIPE_MAX_IMAGES, or fewer where descriptors are few */
+
+/* Images hold descriptors that connections need more: a sixteenth of them at most. */
+static size_t images_allowed(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur / 16 < SENDPIPE_MAX_IMAGES)
+        return (size_t)(rl.rlim_cur / 16);
+    return SENDPIPE_MAX_IMAGES;
+}
 
 void sendpipe_init(void)
 {
@@ -35,6 +47,7 @@ void sendpipe_init(void)
         return;
     }
     max_image = (size_t)cap;
+    max_images = 0; /* looked up at the first image: the limit may be raised after start-up */
     block_set_image_release(sendpipe_drop);
 }
 
@@ -60,7 +73,9 @@ int sendpipe_wants(const struct block *b, size_t off, size_t len)
 /* Put b's bytes into a pipe of their own. */
 static int image_make(struct block *b)
 {
-    if (images >= SENDPIPE_MAX_IMAGES || image_bytes + b->len > SENDPIPE_MAX_BYTES)
+    if (!max_images)
+        max_images = images_allowed();
+    if (images >= max_images || image_bytes + b->len > SENDPIPE_MAX_BYTES)
         return 0; /* not now; maybe for a later send, once others are gone */
     int p[2];
     if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
