@@ -1229,16 +1229,18 @@ static int fetch_send(struct chan_fetch *f)
     return 0;
 }
 
+static void fwait_prune(void);
+
 /* Send the waiting joins whose channel is heard now; drop those whose subscription went. */
 static void fetch_kick(void)
 {
     if (!pub_usable())
         return;
+    fwait_prune();
     struct fwait **pp = &R.fwait_head;
     while (*pp) {
         struct fwait *w = *pp;
-        int abandoned = chan_fetch_abandoned(w->f);
-        if (!abandoned && !heard(w->f->name, w->f->name_len)) {
+        if (!heard(w->f->name, w->f->name_len)) {
             pp = &w->next;
             continue;
         }
@@ -1248,10 +1250,6 @@ static void fetch_kick(void)
         R.nfwait--;
         struct chan_fetch *f = w->f;
         free(w);
-        if (abandoned) {
-            chan_fetch_failed(f, "its subscription went");
-            continue;
-        }
         if (fetch_send(f) < 0) {
             fetch_send_failed(f, "Redis cannot be reached");
             return; /* the rest waits for the publisher */
